@@ -1,0 +1,129 @@
+"""`MoELayer`: router + stacked experts (+ optional always-on shared experts).
+
+Shape legend: T tokens (all leading dims flattened), D d_model, H d_ff per expert, H1 = 2H when gated
+else H, E experts, N assignments.
+
+Expert weights are stacked tensors in the layout ONNX Runtime's MoE op takes:
+  w1 [E, H1, D] (first projection; gated: rows [0, H) are the gate, [H, 2H) the up projection)
+  w2 [E, D, H]  (down projection)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moeify.config import ConfigError, MoEConfig
+from moeify.dense_ffn import DenseFFN
+from moeify.dispatch import grouped_ffn, soft_experts
+from moeify.routers import Router, build_router
+from moeify.routing import SoftRouting
+from moeify.stats import RoutingStats
+
+Tensor = torch.Tensor
+
+
+class MoELayer(nn.Module):
+    """A drop-in replacement for a feed-forward block: x [..., D] -> [..., D].
+
+    After each forward (outside export), `last_aux_loss` holds the sum of the router's auxiliary losses
+    (with gradient) and `last_stats` the routing statistics; `moeify.aux_loss(model)` sums the former over
+    the model.
+
+    Args:
+        config: the layer's `MoEConfig`.
+        router: an existing router to share (Omni-router: one router for several layers); it must have
+            been built for the same d_model and expert count. Default: a new router from the config.
+        causal: True when the layer sits in a causal decoder; routers that mix tokens (expert choice, soft,
+            balanced) are refused there since they let a token's output depend on later tokens.
+    """
+
+    def __init__(self, config: MoEConfig, router: Router | None = None, causal: bool = False):
+        super().__init__()
+        self.config = config
+        self.router = router if router is not None else build_router(config)
+        if router is not None and (router.config.d_model != config.d_model
+                                   or router.config.num_experts != config.num_experts):
+            raise ConfigError("a shared router must have the layer's d_model and num_experts")
+        if causal and self.router.mixes_tokens:
+            raise ConfigError(
+                f"router {self.router.name!r} mixes information across tokens and would break causality in "
+                "a causal decoder; use a token-choice router (topk, hash, random) there"
+            )
+        self.causal = causal
+        E, D, H = config.num_experts, config.d_model, config.d_ff
+        H1 = config.expert_in_width
+        self.w1 = nn.Parameter(torch.empty(E, H1, D))  # [E, H1, D]
+        self.w2 = nn.Parameter(torch.empty(E, D, H))  # [E, D, H]
+        self.b1 = nn.Parameter(torch.zeros(E, H1)) if config.bias else None  # [E, H1]
+        self.b2 = nn.Parameter(torch.zeros(E, D)) if config.bias else None  # [E, D]
+        nn.init.normal_(self.w1, std=1.0 / math.sqrt(D))
+        nn.init.normal_(self.w2, std=1.0 / math.sqrt(H))
+        self.shared = None
+        if config.num_shared_experts > 0:
+            width = config.num_shared_experts * (config.shared_d_ff or H)
+            self.shared = DenseFFN(D, width, config.activation, config.gated, config.bias)
+        self.dispatch_impl = "fast"  # "reference" selects the slow reference (tests, debugging)
+        self.last_aux_loss: Tensor | None = None
+        self.last_stats: RoutingStats | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        cfg = self.config
+        lead = x.shape[:-1]
+        if x.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoELayer expects last dim {cfg.d_model}, got input of shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, cfg.d_model)  # [T, D]
+        ids = None if token_ids is None else token_ids.reshape(-1)  # [T]
+        routing = self.router(x2, token_ids=ids)
+        if isinstance(routing, SoftRouting):
+            out = soft_experts(x2, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,
+                               cfg.activation, cfg.gated, impl=self.dispatch_impl)  # [T, D]
+        else:
+            out = grouped_ffn(x2, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype),
+                              self.w1, self.b1, self.w2, self.b2, cfg.activation, cfg.gated,
+                              impl=self.dispatch_impl)  # [T, D]
+        if self.shared is not None:
+            out = out + self.shared(x2)
+        self._record(routing, x2.shape[0])
+        return out.reshape(*lead, cfg.d_model)
+
+    def _record(self, routing, num_tokens: int) -> None:
+        """Keep this forward's aux loss and statistics on the layer (not in any global)."""
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            return
+        losses = list(routing.losses.values())
+        self.last_aux_loss = torch.stack(losses).sum() if losses else None
+        with torch.no_grad():
+            self.last_stats = RoutingStats(
+                tokens_per_expert=routing.tokens_per_expert(self.num_experts).detach().cpu(),
+                dropped_fraction=float(routing.dropped_fraction(self.num_experts)),
+                num_tokens=num_tokens,
+            )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"d_model={c.d_model}, d_ff={c.d_ff}, experts={c.num_experts}, k={c.k}, router={c.router}, "
+                f"activation={c.activation}{' (gated)' if c.gated else ''}, bias={c.bias}, "
+                f"shared={c.num_shared_experts}")
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the auxiliary router losses of the last forward over every MoE layer of `model`.
+
+    Returns a zero scalar when no layer has a loss (no MoE layer, not run yet, or coefficients 0). Add it to
+    the task loss before `backward()`.
+    """
+    total = None
+    for m in model.modules():
+        if isinstance(m, MoELayer) and m.last_aux_loss is not None:
+            total = m.last_aux_loss if total is None else total + m.last_aux_loss
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
+    return total

@@ -1,0 +1,57 @@
+"""Token-choice top-k routing: k=1 is Switch, k=2 GShard / Mixtral.
+
+Shape legend: T tokens, E experts, K = config.k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeify.losses import load_balance_loss, router_z_loss
+from moeify.routers.base import Router
+from moeify.routers.capacity import drop_over_capacity, expert_capacity
+from moeify.routers.registry import register_router
+from moeify.routing import SparseRouting
+
+Tensor = torch.Tensor
+
+
+def token_choice_routing(router: Router, logits: Tensor, scores: Tensor, top_idx: Tensor,
+                         top_w: Tensor) -> SparseRouting:
+    """Shared tail of token-choice routers: capacity, losses, flattening.
+
+    logits/scores [T, E]; top_idx/top_w [T, K].
+    """
+    cfg = router.config
+    T, K = top_idx.shape
+    E = router.num_experts
+    if cfg.capacity_factor is not None:
+        top_idx = drop_over_capacity(top_idx, E, expert_capacity(T, K, E, cfg.capacity_factor))
+    flat_expert = top_idx.reshape(-1)  # [T*K]
+    losses = {}
+    if cfg.aux_loss_coef > 0 and router.learned:
+        probs = scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        losses["load_balance"] = cfg.aux_loss_coef * load_balance_loss(probs, flat_expert, E)
+    if cfg.z_loss_coef > 0 and router.learned:
+        losses["z_loss"] = cfg.z_loss_coef * router_z_loss(logits)
+    token_idx = torch.arange(T, device=logits.device).repeat_interleave(K)  # [T*K]
+    return SparseRouting(token_idx=token_idx, expert_idx=flat_expert, weight=top_w.reshape(-1),
+                         logits=logits, losses=losses)
+
+
+@register_router("topk")
+class TopKRouter(Router):
+    """Scores = softmax (or sigmoid) of logits; each token takes its k best experts.
+
+    With `normalize=True` (default) the k weights are renormalised to sum to 1, so k copies of one dense
+    FFN reproduce it exactly whatever the router picks.
+    """
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
+        cfg = self.config
+        logits = self.compute_logits(x)  # [T, E]
+        scores = torch.softmax(logits, dim=-1) if cfg.score_fn == "softmax" else torch.sigmoid(logits)
+        top_w, top_idx = torch.topk(scores, cfg.k, dim=-1)  # [T, K]
+        if cfg.normalize:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        return token_choice_routing(self, logits, scores, top_idx, top_w)
