@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from moeify.dispatch.ops import grouped_ffn_op
 from moeify.dispatch.reference import reference_grouped_ffn, reference_soft_experts
 
 Tensor = torch.Tensor
@@ -18,7 +19,9 @@ def grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor
     """x [T, D] -> [T, D]; see `reference_grouped_ffn` for the exact meaning."""
     if impl not in ("fast", "reference"):
         raise ValueError(f"unknown dispatch impl {impl!r}; valid: fast, reference")
-    return reference_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
+    if impl == "reference":
+        return reference_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
+    return grouped_ffn_op(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
 
 
 def soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
