@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from moeify.activations import ACTIVATIONS
+from moeify.errors import MoeifyError
 
 CONFIG_VERSION = 1
 
@@ -20,7 +21,7 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 RANDOM_EVAL_RULES = ("hash", "mean")
 
 
-class ConfigError(ValueError):
+class ConfigError(MoeifyError, ValueError):
     """A configuration value is invalid; the message says which and what to use instead."""
 
 

@@ -66,6 +66,9 @@ class MoELayer(nn.Module):
             width = config.num_shared_experts * (config.shared_d_ff or H)
             self.shared = DenseFFN(D, width, config.activation, config.gated, config.bias)
         self.dispatch_impl = "fast"  # "reference" selects the slow reference (tests, debugging)
+        # Expert parallelism: when set (by moeify.parallel), it runs the experts for sparse routings:
+        # expert_parallel(x [T, D], routing, layer) -> [T, D].
+        self.expert_parallel: nn.Module | None = None
         self.last_aux_loss: Tensor | None = None
         self.last_stats: RoutingStats | None = None
 
@@ -84,6 +87,8 @@ class MoELayer(nn.Module):
         if isinstance(routing, SoftRouting):
             out = soft_experts(x2, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,
                                cfg.activation, cfg.gated, impl=self.dispatch_impl)  # [T, D]
+        elif self.expert_parallel is not None:
+            out = self.expert_parallel(x2, routing, self)  # [T, D]
         else:
             out = grouped_ffn(x2, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype),
                               self.w1, self.b1, self.w2, self.b2, cfg.activation, cfg.gated,
