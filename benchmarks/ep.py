@@ -8,8 +8,10 @@ intra-op thread per process, so 2 processes use 2 cores. Rows:
   local, 1 process     the plain layer (no exchange): the baseline
   EP, 1 process        the expert-parallel path over a group of one (the exchanges' fixed cost)
   EP, 2 processes      experts sharded 2 ways; tokens/s counts both processes' tokens
-Step time is the median over the timed steps of the slowest rank's step; "all-to-all" is the wall time
-spent inside the exchanges (counts, dispatch, combine; forward and backward), as a share of the step.
+Step time is the median over the timed steps of the slowest rank's step, then the median over rounds
+(the configurations run interleaved, round after round, so a busy machine slows them alike); "all-to-all"
+is the wall time spent inside the exchanges (counts, dispatch, combine; forward and backward), waiting
+for the other rank included, as a share of the step.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def run(world: int, mode: str, args: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved repetitions (default 3, quick 1)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -96,12 +99,20 @@ def main() -> None:
         dict(t=2048, d=256, h=512, e=8, warmup=3, steps=15)
     print(f"MoE layer d_model={args['d']} d_ff={args['h']} experts={args['e']} k=2 (SwiGLU), "
           f"{args['t']} tokens per process per step, fwd+bwd+SGD, 1 thread per process, gloo")
+    rounds = a.rounds or (1 if a.quick else 3)
+    configs = (("local, 1 process", 1, "local"), ("EP, 1 process", 1, "ep"), ("EP, 2 processes", 2, "ep"))
+    results = {label: [] for label, _, _ in configs}
+    for _ in range(rounds):
+        for label, world, mode in configs:
+            results[label].append(run(world, mode, args))
+    load = f", 1-min load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"{rounds} rounds, medians; {os.cpu_count()} cores{load}")
     print(f"{'config':<20}{'tokens/step':>12}{'step ms':>10}{'tokens/s':>11}{'vs local':>10}"
           f"{'all-to-all':>12}")
     base = None
-    for label, world, mode in (("local, 1 process", 1, "local"), ("EP, 1 process", 1, "ep"),
-                               ("EP, 2 processes", 2, "ep")):
-        r = run(world, mode, args)
+    for label, world, _ in configs:
+        runs = results[label]
+        r = {key: statistics.median(x[key] for x in runs) for key in ("step_s", "comm_s")}
         tokens = args["t"] * world
         tps = tokens / r["step_s"]
         base = base or tps

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -83,17 +84,29 @@ def _check_close(what: str, got, want) -> None:
         raise AssertionError(f"{what}: max diff {diff:.3g}, shapes {tuple(got.shape)} {tuple(want.shape)}")
 
 
-def check_ep_layer(rank: int, capacity: float | None) -> None:
-    """ExpertParallel alone (grad_scale 1): sum of the ranks' losses, compared with one process."""
+def check_ep_layer(rank: int, capacity: float | None, skewed: bool = False) -> None:
+    """ExpertParallel alone (grad_scale 1): sum of the ranks' losses, compared with one process.
+
+    skewed: every token picks experts 0 and 1 (rank 0's), so rank 1 computes nothing and receives no
+    rows; both ranks must still run every exchange, forward and backward.
+    """
     from moeify.parallel import shard_experts
 
     ref = make_layer(capacity)
+    data = rank_data
+    if skewed:
+        with torch.no_grad():  # positive inputs, experts 0/1 score +, experts 2/3 score -
+            ref.router.weight.copy_(torch.tensor([1.0, 1.1, -1.0, -1.1]).unsqueeze(1).expand(4, D))
+
+        def data(r):
+            x, cot = rank_data(r)
+            return x.abs() + 0.5, cot
     ep = copy.deepcopy(ref)
     shard_experts(ep)
     names = ["w1", "b1", "w2", "b2"]
     expert_grads = {n: torch.zeros_like(getattr(ref, n)) for n in names}
     for s in range(WORLD):  # single process: every rank's batch through the full layer
-        x, cot = rank_data(s)
+        x, cot = data(s)
         x.requires_grad_(True)
         out = ref(x)
         loss = (out * cot).sum() + moeify.aux_loss(ref)
@@ -102,7 +115,7 @@ def check_ep_layer(rank: int, capacity: float | None) -> None:
             expert_grads[n] += g
         if s == rank:
             want_out, want_dx, want_router = out.detach(), grads[0], grads[1]
-    x, cot = rank_data(rank)
+    x, cot = data(rank)
     x.requires_grad_(True)
     out = ep(x)
     loss = (out * cot).sum() + moeify.aux_loss(ep)
@@ -120,6 +133,8 @@ def check_ep_layer(rank: int, capacity: float | None) -> None:
         raise AssertionError(f"sent {sent} rows for {kept} kept assignments")
     if capacity is not None and ep.last_stats.dropped_fraction == 0:
         raise AssertionError("the capacity case dropped nothing; make the capacity smaller")
+    if skewed and ep.expert_parallel.last_local_load.sum() != (2 * T * WORLD if rank == 0 else 0):
+        raise AssertionError(f"skewed routing: rank {rank} computed {ep.expert_parallel.last_local_load}")
 
 
 def _reference_mean_grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -175,7 +190,7 @@ def check_checkpoint_load(rank: int, outdir: Path) -> None:
 
     par = parallelize(Tiny(seed=123), dp="ddp")  # different weights, all overwritten by the load
     load_checkpoint(par, outdir / "ckpt1")
-    expected = torch.load(outdir / "expected1.pt")
+    expected = torch.load(outdir / "expected1.pt", weights_only=True)
     with torch.no_grad():
         out = par(probe())
     _check_close("output after 1 -> 2 load", out, expected["out"])
@@ -207,6 +222,7 @@ def worker(rank: int, outdir: Path) -> None:
     checks = {
         "ep_topk": lambda: check_ep_layer(rank, None),
         "ep_topk_capacity": lambda: check_ep_layer(rank, 0.5),
+        "ep_topk_skewed": lambda: check_ep_layer(rank, None, skewed=True),
         "parallelize_ddp": lambda: check_parallelize(rank, "ddp"),
         "parallelize_fsdp": lambda: check_parallelize(rank, "fsdp"),
         "checkpoint_save": lambda: check_checkpoint_save(rank, outdir),
@@ -215,9 +231,11 @@ def worker(rank: int, outdir: Path) -> None:
     }
     results = {}
     for name, fn in checks.items():
+        start = time.perf_counter()
         try:
             fn()
             results[name] = "ok"
+            print(f"rank {rank}: {name} ok in {time.perf_counter() - start:.2f}s", flush=True)
         except Exception:  # keep going: one rank failing mid-collective shows up as the group timeout
             results[name] = traceback.format_exc()
         (outdir / f"result{rank}.json").write_text(json.dumps(results, indent=1))
@@ -269,7 +287,7 @@ def _verdict(ep_run, check: str) -> None:
         assert res[check] == "ok", f"rank {r}, {check}:\n{res[check]}"
 
 
-@pytest.mark.parametrize("check", ["ep_topk", "ep_topk_capacity"])
+@pytest.mark.parametrize("check", ["ep_topk", "ep_topk_capacity", "ep_topk_skewed"])
 def test_expert_parallel_matches_single_process(ep_run, check):
     _verdict(ep_run, check)
 
@@ -284,7 +302,7 @@ def test_checkpoint_two_ranks_to_one_process(ep_run):
 
     _verdict(ep_run, "checkpoint_save")
     outdir = ep_run[0]
-    expected = torch.load(outdir / "expected2.pt")
+    expected = torch.load(outdir / "expected2.pt", weights_only=True)
     model = Tiny(seed=99)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     load_checkpoint(model, outdir / "ckpt2", optimizer=opt)

@@ -39,7 +39,8 @@ def parallelize(model: nn.Module, ep_group=None, dp_mesh: DeviceMesh | None = No
 
     Gradients: DDP/FSDP average the non-expert gradients over the P ranks; the expert exchange sums the
     P ranks' contributions, so the expert gradients are scaled by 1/P and the whole model trains on the
-    mean loss over ranks, exactly like single-process training on the concatenated batches.
+    mean loss over ranks, exactly like single-process training on the concatenated batches. With
+    dp=None the expert gradients are scaled all the same: average the rest over the group yourself.
     """
     if dp not in DP_MODES:
         raise ParallelError(f"unknown dp {dp!r}; valid: 'ddp', 'fsdp', None")

@@ -121,8 +121,10 @@ class ExpertParallel(nn.Module):
                                  impl=layer.dispatch_impl)  # [R, D]
         else:
             # Nothing to compute, but keep the graph connected so that backward still runs both
-            # exchanges here: every rank must join every collective.
-            y_recv = x_recv + 0.0 * w1.sum()  # [0, D]
+            # exchanges here (every rank must join every collective) and the local experts get zero
+            # gradients rather than none.
+            anchor = sum(w.sum() for w in (w1, b1, w2, b2) if w is not None)
+            y_recv = x_recv + 0.0 * anchor  # [0, D]
 
         # 4. back to the token owners, combine with routing weights
         y = all_to_all(y_recv, send_splits, recv_splits, self.group, self.timer)  # [S, D]
