@@ -2,15 +2,24 @@
 
 from moeify.config import ConfigError, MoEConfig
 from moeify.layer import MoELayer, aux_loss
+from moeify.sharing import share_router
 from moeify.stats import RoutingStats, routing_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "MoEConfig", "MoELayer", "RoutingStats", "aux_loss", "export_onnx", "routing_stats"]
+__all__ = [
+    "ConfigError", "MoEConfig", "MoELayer", "RoutingStats", "aux_loss", "export_onnx", "parallelize",
+    "routing_stats", "share_router",
+]
 
 
-def __getattr__(name: str):
-    # ONNX export is loaded on first use: importing moeify does not import onnx / onnxscript.
+def __getattr__(name):
+    # Lazy: moeify.parallel imports torch.distributed's DTensor/checkpoint stack (~1 s); only pay on use.
+    if name == "parallelize":
+        from moeify.parallel import parallelize
+
+        return parallelize
+    # ONNX export is loaded on first use too: importing moeify does not import onnx / onnxscript.
     if name == "export_onnx":
         from moeify.lowering.export import export_onnx
 
