@@ -32,7 +32,8 @@ class Chain(nn.Module):
         torch.manual_seed(0)
         self.layers = nn.ModuleList(moeify.MoELayer(c) for c in configs)
         for layer in self.layers:  # a router that prefers different experts per token, not near-ties
-            nn.init.normal_(layer.router.weight, std=0.5)
+            if layer.router.learned:
+                nn.init.normal_(layer.router.weight, std=0.5)
 
     def forward(self, x):
         for layer in self.layers:
@@ -60,11 +61,15 @@ TOPK_VARIANTS = {
 }
 
 # extra config some routers need to be meaningful at these sizes
-ROUTER_OPTIONS: dict[str, dict] = {"soft": {"slots_per_expert": 2}, "expert_choice": {"capacity_factor": 1.0}}
+ROUTER_OPTIONS: dict[str, dict] = {"soft": {"slots_per_expert": 2}, "expert_choice": {"capacity_factor": 1.0},
+                                   "topk": {"activation": "silu"}}
 
 
 def router_configs():
-    return [cfg(router=name, activation="gelu", **ROUTER_OPTIONS.get(name, {})) for name in sorted(ROUTERS)]
+    """One layer per registered router (any router added later is covered), plus the random router's
+    "mean" inference rule."""
+    configs = [cfg(router=name, **{"activation": "gelu", **ROUTER_OPTIONS.get(name, {})}) for name in sorted(ROUTERS)]
+    return configs + [cfg(router="random", random_eval_rule="mean", activation="silu", gated=True)]
 
 
 def _export(model, path, target, dtype=torch.float32):
@@ -114,7 +119,38 @@ def test_topk_variants_match_pytorch(topk_model, topk_exports, target):
 @pytest.mark.parametrize("target", ["ort", "portable"])
 def test_every_router_matches_pytorch(router_model, router_exports, target):
     _compare(router_model, router_exports[target].path)
-    assert len(router_exports[target].layers) == len(ROUTERS)
+    assert len(router_exports[target].layers) == len(ROUTERS) + 1
+    ops = set(router_exports[target].layers.values())
+    assert ops == ({"moeify.GroupedFFN", "moeify.SoftExperts", "com.microsoft.MoE"} if target == "ort" else
+                   {"moeify.GroupedFFN (inlined)", "moeify.SoftExperts (inlined)"})
+
+
+class TokenIdModel(nn.Module):
+    """Embedding -> MoE layer fed the token ids (the hash router hashes ids, not hidden states)."""
+
+    def __init__(self, router):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, D)
+        self.moe = moeify.MoELayer(cfg(router=router, activation="relu"))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        return x + self.moe(x, token_ids=input_ids)
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_hash_router_on_token_ids(tmp_path, target):
+    model = TokenIdModel("hash").eval()
+    ids = torch.randint(0, 50, (2, 6))
+    result = moeify.export_onnx(model, {"input_ids": ids}, tmp_path / "hash.onnx", target=target)
+    session = make_session(result.path)
+    for batch, seq in TOKEN_SHAPES:
+        ids = torch.randint(0, 50, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            want = model(ids).numpy()
+        got = run(session, {"input_ids": ids.numpy()})
+        np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-4, atol=1e-5)
 
 
 def test_ort_target_fuses_exactly_the_supported_layers(topk_exports):

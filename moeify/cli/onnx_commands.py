@@ -48,7 +48,7 @@ def parse_input_spec(spec: str) -> tuple[str | None, tuple[int, ...], str]:
     _ids or mask, else float32."""
     parts = spec.split(":")
     name = None
-    if parts and not re.fullmatch(r"[0-9x]+", parts[0]):
+    if parts and not re.fullmatch(r"\d+(x\d+)*", parts[0].lower()):
         name, parts = parts[0], parts[1:]
     if len(parts) not in (1, 2):
         raise MoeifyError(f"bad --input-spec {spec!r}: use NAME:SHAPE[:DTYPE] or SHAPE[:DTYPE], "
@@ -110,7 +110,13 @@ def load_model_ref(spec: str):
         fn = getattr(module, attr, None)
         if fn is None or not callable(fn):
             raise MoeifyError(f"{module_name!r} has no callable {attr!r}")
-        made = fn()
+        try:
+            made = fn()
+        except MoeifyError:
+            raise
+        except Exception as e:  # the user's builder failed: say so in one line (--debug shows more)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MoeifyError(f"calling {spec} failed: {type(e).__name__}: {first}") from e
     else:
         try:
             from moeify.io import load_model
@@ -190,6 +196,8 @@ def export_command(model: str, output: str, target: str, input_specs: tuple[str,
 
     from moeify.lowering.export import export_onnx
 
+    for spec in input_specs:  # fail on a typo before loading the model
+        parse_input_spec(spec)
     module, example = load_model_ref(model)
     if input_specs:
         vocab = getattr(getattr(module, "config", None), "vocab_size", None)
