@@ -68,7 +68,8 @@ ROUTER_OPTIONS: dict[str, dict] = {"soft": {"slots_per_expert": 2}, "expert_choi
 def router_configs():
     """One layer per registered router (any router added later is covered), plus the random router's
     "mean" inference rule."""
-    configs = [cfg(router=name, **{"activation": "gelu", **ROUTER_OPTIONS.get(name, {})}) for name in sorted(ROUTERS)]
+    configs = [cfg(router=name, **{"activation": "gelu", **ROUTER_OPTIONS.get(name, {})})
+               for name in sorted(ROUTERS)]
     return configs + [cfg(router="random", random_eval_rule="mean", activation="silu", gated=True)]
 
 

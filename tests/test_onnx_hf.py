@@ -27,8 +27,9 @@ def _to_moe(model, kind):
             layer.output.dense = nn.Identity()
     else:
         for layer in model.model.layers:
-            layer.mlp = moeify.MoELayer(moeify.MoEConfig(d_model=D, d_ff=H, num_experts=4, k=2, activation="silu",
-                                                         gated=True, bias=False), causal=True)
+            cfg = moeify.MoEConfig(d_model=D, d_ff=H, num_experts=4, k=2, activation="silu", gated=True,
+                                   bias=False)
+            layer.mlp = moeify.MoELayer(cfg, causal=True)
     return model
 
 
@@ -40,8 +41,9 @@ def tiny_bert():
 
 
 def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, intermediate_size=H, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, intermediate_size=H,
+                                   max_position_embeddings=64)
     torch.manual_seed(0)
     return _to_moe(transformers.LlamaForCausalLM(cfg).eval(), "llama").eval()
 
