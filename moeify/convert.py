@@ -66,6 +66,7 @@ def _stage(name: str, done: list[str], fn: Callable):
 
 # --- option checking ------------------------------------------------------------------------------
 
+
 def _patterns(value, name: str) -> list[str] | None:
     if value is None:
         return None
@@ -84,12 +85,16 @@ def _overrides(config, experts: int, k: int, router: str) -> dict:
         for field, arg in _FROM_ARGS.items():
             mine = {"experts": experts, "k": k, "router": router}[arg]
             if getattr(config, field) != mine:
-                raise ConfigError(f"config.{field}={getattr(config, field)!r} disagrees with {arg}={mine!r}; "
-                                  f"pass {arg}={getattr(config, field)!r} to convert")
+                raise ConfigError(
+                    f"config.{field}={getattr(config, field)!r} disagrees with {arg}={mine!r}; "
+                    f"pass {arg}={getattr(config, field)!r} to convert"
+                )
         skip = set(_FROM_FFN) | set(_FROM_ARGS) | {"version"}
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(MoEConfig) if f.name not in skip}
     if not isinstance(config, dict):
-        raise ConfigError(f"config must be a dict of MoEConfig fields or an MoEConfig, got {type(config).__name__}")
+        raise ConfigError(
+            f"config must be a dict of MoEConfig fields or an MoEConfig, got {type(config).__name__}"
+        )
     known = {f.name for f in dataclasses.fields(MoEConfig)}
     for key in config:
         if key in _FROM_ARGS:
@@ -97,8 +102,10 @@ def _overrides(config, experts: int, k: int, router: str) -> dict:
         if key in _FROM_FFN:
             raise ConfigError(f"config sets {key!r}, which comes from each FFN found; remove it from config")
         if key not in known:
-            raise ConfigError(f"unknown config field {key!r}; valid: "
-                              f"{', '.join(sorted(known - set(_FROM_FFN) - set(_FROM_ARGS) - {'version'}))}")
+            raise ConfigError(
+                f"unknown config field {key!r}; valid: "
+                f"{', '.join(sorted(known - set(_FROM_FFN) - set(_FROM_ARGS) - {'version'}))}"
+            )
     return dict(config)
 
 
@@ -132,6 +139,7 @@ def _check_args(experts, k, every, seed, filter_fn, inplace) -> None:
 
 # --- selection ------------------------------------------------------------------------------------
 
+
 def _select(model: nn.Module, sites: list[Site], include, exclude, filter_fn, every) -> list[Site]:
     """include globs, then exclude globs, then filter_fn(module, name); then every n-th of what is left
     (the n-th, 2n-th, ... in module order: every=2 converts FFNs 2, 4, 6, ...)."""
@@ -140,17 +148,22 @@ def _select(model: nn.Module, sites: list[Site], include, exclude, filter_fn, ev
     if include is not None:
         for pattern in include:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ConfigError(f"include pattern {pattern!r} matches no FFN; FFNs found: "
-                                  f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
+                raise ConfigError(
+                    f"include pattern {pattern!r} matches no FFN; FFNs found: "
+                    f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+                )
         chosen = [s for s in chosen if any(fnmatch.fnmatchcase(s.match.name, p) for p in include)]
     if exclude is not None:
         chosen = [s for s in chosen if not any(fnmatch.fnmatchcase(s.match.name, p) for p in exclude)]
     if filter_fn is not None:
-        chosen = [s for s in chosen if filter_fn(model.get_submodule(s.match.name.split("#")[0]), s.match.name)]
+        chosen = [
+            s for s in chosen if filter_fn(model.get_submodule(s.match.name.split("#")[0]), s.match.name)
+        ]
     return [s for i, s in enumerate(chosen) if i % every == every - 1]
 
 
 # --- convert --------------------------------------------------------------------------------------
+
 
 def _expert_width(expert_d_ff_opt, site: Site, ucfg: UpcycleConfig, experts: int) -> int:
     name, dense = site.match.name, site.match.d_ff
@@ -161,8 +174,10 @@ def _expert_width(expert_d_ff_opt, site: Site, ucfg: UpcycleConfig, experts: int
     if not isinstance(wanted, int) or wanted < 1:
         raise ConfigError(f"expert_d_ff for {name!r} must be an integer >= 1, got {wanted!r}")
     if ucfg.init != "none" and wanted != strategy:
-        raise ConfigError(f"expert_d_ff={wanted} for {name!r} conflicts with init={ucfg.init!r}, which gives "
-                          f"experts of width {strategy}; drop expert_d_ff or use init='none'")
+        raise ConfigError(
+            f"expert_d_ff={wanted} for {name!r} conflicts with init={ucfg.init!r}, which gives "
+            f"experts of width {strategy}; drop expert_d_ff or use init='none'"
+        )
     return wanted
 
 
@@ -175,10 +190,22 @@ def _expert_params(cfg: MoEConfig) -> int:
     return h1 * cfg.d_model + cfg.d_model * cfg.d_ff + ((h1 + cfg.d_model) if cfg.bias else 0)
 
 
-def convert(model: nn.Module, experts: int = 8, router: str = "topk", k: int = 2, init="copy", every: int = 1,
-            include=None, exclude=None, filter_fn: Callable[[nn.Module, str], bool] | None = None,
-            config=None, calibration=None, seed: int = 0, inplace: bool = False,
-            expert_d_ff: int | dict[str, int] | None = None) -> nn.Module:
+def convert(
+    model: nn.Module,
+    experts: int = 8,
+    router: str = "topk",
+    k: int = 2,
+    init="copy",
+    every: int = 1,
+    include=None,
+    exclude=None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    config=None,
+    calibration=None,
+    seed: int = 0,
+    inplace: bool = False,
+    expert_d_ff: int | dict[str, int] | None = None,
+) -> nn.Module:
     """Replace the FFNs of `model` by MoE layers upcycled from their weights; returns the model.
 
     Args:
@@ -214,12 +241,16 @@ def convert(model: nn.Module, experts: int = 8, router: str = "topk", k: int = 2
     analysis = _stage("analyse", done, lambda: analyse(target))
     sites = analysis.sites
     if not sites:
-        raise MoeifyError(f"no FFN found in this {type(model).__name__} ({len(analysis.rejections)} candidates "
-                          "rejected); run `moeify inspect -v` (or moeify.explain_ffns(model)) to see why")
+        raise MoeifyError(
+            f"no FFN found in this {type(model).__name__} ({len(analysis.rejections)} candidates "
+            "rejected); run `moeify inspect -v` (or moeify.explain_ffns(model)) to see why"
+        )
     selected = _stage("select", done, lambda: _select(target, sites, include, exclude, filter_fn, every))
     if not selected:
-        raise MoeifyError(f"no FFN selected out of {len(sites)} found (include={include}, exclude={exclude}, "
-                          f"every={every}, filter_fn={'set' if filter_fn else None}); loosen the selection")
+        raise MoeifyError(
+            f"no FFN selected out of {len(sites)} found (include={include}, exclude={exclude}, "
+            f"every={every}, filter_fn={'set' if filter_fn else None}); loosen the selection"
+        )
     calib = {}
     if calibration is not None:
         calib = _stage("calibrate", done, lambda: record_inputs(target, selected, calibration))
@@ -228,9 +259,17 @@ def convert(model: nn.Module, experts: int = 8, router: str = "topk", k: int = 2
     layers: list[tuple[Site, MoEConfig, MoELayer]] = []
     for index, site in enumerate(selected):
         m = site.match
-        cfg = MoEConfig(d_model=m.d_model, d_ff=_expert_width(expert_d_ff, site, ucfg, experts),
-                        num_experts=experts, k=k, router=router, activation=m.activation, gated=m.gated,
-                        bias=m.bias, **overrides)
+        cfg = MoEConfig(
+            d_model=m.d_model,
+            d_ff=_expert_width(expert_d_ff, site, ucfg, experts),
+            num_experts=experts,
+            k=k,
+            router=router,
+            activation=m.activation,
+            gated=m.gated,
+            bias=m.bias,
+            **overrides,
+        )
         dense = dense_weights(target, m)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + index)
@@ -247,43 +286,107 @@ def convert(model: nn.Module, experts: int = 8, router: str = "topk", k: int = 2
             rewrite(target, site, layer)
 
     _stage("rewrite", done, apply_all)
-    report = _report(target, analysis, layers, params_before, ucfg, init, experts, router, k, overrides, seed,
-                     every, include, exclude, filter_fn)
+    report = _report(
+        target,
+        analysis,
+        layers,
+        params_before,
+        ucfg,
+        init,
+        experts,
+        router,
+        k,
+        overrides,
+        seed,
+        every,
+        include,
+        exclude,
+        filter_fn,
+    )
     setattr(target, REPORT_ATTR, report)
     return target
 
 
-def _report(model, analysis, layers, params_before, ucfg, init, experts, router, k, overrides, seed,
-            every, include, exclude, filter_fn) -> ConversionReport:
+def _report(
+    model,
+    analysis,
+    layers,
+    params_before,
+    ucfg,
+    init,
+    experts,
+    router,
+    k,
+    overrides,
+    seed,
+    every,
+    include,
+    exclude,
+    filter_fn,
+) -> ConversionReport:
     ffns, inactive = [], 0
     for site, cfg, layer in layers:
         after = count_params(layer)
         idle = (cfg.num_experts - _active_experts(cfg)) * _expert_params(cfg)
         inactive += idle
         m = site.match
-        ffns.append(FFNReport(name=m.name, d_model=m.d_model, d_ff=m.d_ff, expert_d_ff=cfg.d_ff,
-                              activation=m.activation, gated=m.gated, num_experts=cfg.num_experts, k=cfg.k,
-                              router=cfg.router, causal=m.causal, rewrite=m.rewrite,
-                              params_before=m.dense_params, params_after=after,
-                              active_params_per_token=after - idle))
+        ffns.append(
+            FFNReport(
+                name=m.name,
+                d_model=m.d_model,
+                d_ff=m.d_ff,
+                expert_d_ff=cfg.d_ff,
+                activation=m.activation,
+                gated=m.gated,
+                num_experts=cfg.num_experts,
+                k=cfg.k,
+                router=cfg.router,
+                causal=m.causal,
+                rewrite=m.rewrite,
+                params_before=m.dense_params,
+                params_after=after,
+                active_params_per_token=after - idle,
+            )
+        )
     params_after = count_params(model)
     converted = tuple(f.name for f in ffns)
-    options = {"experts": experts, "router": router, "k": k, "every": 1, "include": list(converted),
-               "exclude": None, "config": _jsonable(overrides), "seed": seed,
-               "expert_d_ff": {f.name: f.expert_d_ff for f in ffns}}
+    options = {
+        "experts": experts,
+        "router": router,
+        "k": k,
+        "every": 1,
+        "include": list(converted),
+        "exclude": None,
+        "config": _jsonable(overrides),
+        "seed": seed,
+        "expert_d_ff": {f.name: f.expert_d_ff for f in ffns},
+    }
     by_surgery: dict[str, int] = {}
     for f in ffns:
         by_surgery[f.rewrite] = by_surgery.get(f.rewrite, 0) + 1
-    selection = ", ".join(f"{k}={v!r}" for k, v in (("include", include), ("exclude", exclude), ("every", every))
-                          if v not in (None, 1)) + (", filter_fn" if filter_fn else "")
-    passes = (analysis.capture.summary, analysis.summary,
-              f"select: {len(ffns)}/{len(analysis.sites)} FFNs selected{f' ({selection})' if selection else ''}",
-              f"rewrite: {len(ffns)}/{len(ffns)} FFNs converted "
-              f"({', '.join(f'{n} {s}' for s, n in sorted(by_surgery.items()))})")
-    return ConversionReport(ffns=tuple(ffns), found=len(analysis.sites), params_before=params_before,
-                            params_after=params_after, active_params_per_token=params_after - inactive,
-                            options=options, init=init if isinstance(init, str) else ucfg.to_dict(),
-                            converted=converted, passes=passes)
+    selection = ", ".join(
+        f"{k}={v!r}"
+        for k, v in (("include", include), ("exclude", exclude), ("every", every))
+        if v not in (None, 1)
+    ) + (", filter_fn" if filter_fn else "")
+    passes = (
+        analysis.capture.summary,
+        analysis.summary,
+        f"select: {len(ffns)}/{len(analysis.sites)} FFNs selected{f' ({selection})' if selection else ''}",
+        f"rewrite: {len(ffns)}/{len(ffns)} FFNs converted "
+        f"({', '.join(f'{n} {s}' for s, n in sorted(by_surgery.items()))})",
+    )
+    return ConversionReport(
+        ffns=tuple(ffns),
+        found=len(analysis.sites),
+        params_before=params_before,
+        params_after=params_after,
+        active_params_per_token=params_after - inactive,
+        options=options,
+        init=init if isinstance(init, str) else ucfg.to_dict(),
+        converted=converted,
+        passes=passes,
+    )
 
 
 def _jsonable(d: dict) -> dict:

@@ -67,15 +67,21 @@ class ConversionReport:
 
     def __str__(self) -> str:
         lines = [self.summary, *self.passes]
-        head = f"{'FFN':<44} {'D':>6} {'H':>6} {'H/exp':>6} {'act':<11} {'E':>3} {'k':>2} {'before':>10} {'after':>10} {'active':>10}"
-        lines.append(head)
+        lines.append(
+            f"{'FFN':<44} {'D':>6} {'H':>6} {'H/exp':>6} {'act':<11} {'E':>3} {'k':>2} "
+            f"{'before':>10} {'after':>10} {'active':>10}"
+        )
         for f in self.ffns:
             act = f.activation + ("*" if f.gated else "")
-            lines.append(f"{(f.name or '<model>')[:44]:<44} {f.d_model:>6} {f.d_ff:>6} {f.expert_d_ff:>6} {act:<11} "
-                         f"{f.num_experts:>3} {f.k:>2} {f.params_before:>10,} {f.params_after:>10,} "
-                         f"{f.active_params_per_token:>10,}")
-        lines.append(f"model: {self.params_before:,} -> {self.params_after:,} parameters, "
-                     f"{self.active_params_per_token:,} active per token  (* = gated)")
+            lines.append(
+                f"{(f.name or '<model>')[:44]:<44} {f.d_model:>6} {f.d_ff:>6} {f.expert_d_ff:>6} {act:<11} "
+                f"{f.num_experts:>3} {f.k:>2} {f.params_before:>10,} {f.params_after:>10,} "
+                f"{f.active_params_per_token:>10,}"
+            )
+        lines.append(
+            f"model: {self.params_before:,} -> {self.params_after:,} parameters, "
+            f"{self.active_params_per_token:,} active per token  (* = gated)"
+        )
         return "\n".join(lines)
 
 
@@ -83,8 +89,10 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     """The report `moeify.convert` attached to `model`."""
     report = getattr(model, REPORT_ATTR, None)
     if report is None:
-        raise MoeifyError(f"this {type(model).__name__} was not converted by moeify.convert (no report attached); "
-                          "convert it with moeify.convert(model, ...) first")
+        raise MoeifyError(
+            f"this {type(model).__name__} was not converted by moeify.convert (no report attached); "
+            "convert it with moeify.convert(model, ...) first"
+        )
     return report
 
 

@@ -49,12 +49,14 @@ class Analysis:
         for s in self.sites:
             by_rule[s.match.rule] = by_rule.get(s.match.rule, 0) + 1
         kinds = ", ".join(f"{n} {r}" for r, n in sorted(by_rule.items()))
-        return (f"analyse: found {len(self.sites)} FFNs{f' ({kinds})' if kinds else ''}, "
-                f"{len(self.rejections)} candidates rejected")
+        return (
+            f"analyse: found {len(self.sites)} FFNs{f' ({kinds})' if kinds else ''}, "
+            f"{len(self.rejections)} candidates rejected"
+        )
 
 
 def _rank(cap: Captured) -> tuple:
-    """Smaller is a better site: deepest module first, real graphs before fixed-default ones, forward first."""
+    """Smaller is better: deepest module first, real graphs before fixed-default ones, forward first."""
     depth = cap.path.count(".") + 1 if cap.path else 0
     return (cap.concrete, -depth, cap.method != "forward")
 
@@ -116,8 +118,13 @@ def _unanalysed(model: nn.Module, result: CaptureResult, covered: set[str]) -> l
             continue
         if any((f"{path}.{n}" if path else n) in covered for n in linears):
             continue
-        out.append(Rejection(path, f"its forward did not trace ({reason}) and no method computing its "
-                                   f"projections ({', '.join(linears)}) traced either; not analysed"))
+        out.append(
+            Rejection(
+                path,
+                f"its forward did not trace ({reason}) and no method computing its "
+                f"projections ({', '.join(linears)}) traced either; not analysed",
+            )
+        )
     return out
 
 
@@ -144,7 +151,9 @@ def analyse(model: nn.Module, captured: CaptureResult | None = None) -> Analysis
                 continue
             strategy, why_not = plan.choose(cand, rule)
             if strategy is None:
-                reasons.append(f"matched rule {rule.NAME!r} at {cand.cap.site} but no safe rewrite: {why_not}")
+                reasons.append(
+                    f"matched rule {rule.NAME!r} at {cand.cap.site} but no safe rewrite: {why_not}"
+                )
                 continue
             chosen = (rule, cand, strategy)
             break
@@ -158,10 +167,20 @@ def analyse(model: nn.Module, captured: CaptureResult | None = None) -> Analysis
         rule, cand, strategy = chosen
         up, gate, down = cand.up_ref, cand.gate_ref, cand.down_ref
         match = FFNMatch(
-            name=cand.cap.path, d_model=up.in_features, d_ff=down.in_features, activation=cand.activation,
-            gated=gate is not None, bias=any(r is not None and r.bias is not None for r in (up, gate, down)),
-            up=up, down=down, gate=gate, rule=rule.NAME, site=cand.cap.site, rewrite=strategy,
-            causal=is_causal(model, cand.cap.path))
+            name=cand.cap.path,
+            d_model=up.in_features,
+            d_ff=down.in_features,
+            activation=cand.activation,
+            gated=gate is not None,
+            bias=any(r is not None and r.bias is not None for r in (up, gate, down)),
+            up=up,
+            down=down,
+            gate=gate,
+            rule=rule.NAME,
+            site=cand.cap.site,
+            rewrite=strategy,
+            causal=is_causal(model, cand.cap.path),
+        )
         order = (module_order.get(cand.cap.path, 0), list(cand.cap.graph.nodes).index(cand.down))
         analysis.sites.append(Site(match, cand, rule, order))
     analysis.sites.sort(key=lambda s: s.order)

@@ -43,18 +43,41 @@ _TORCH_ACT_MODULES: dict[type, str | None] = {
     nn.ReLU: "relu",
     nn.SiLU: "silu",
     nn.GELU: "gelu",  # approximate="tanh" handled below
-    nn.Tanh: None, nn.Sigmoid: None, nn.LeakyReLU: None, nn.ReLU6: None, nn.ELU: None, nn.SELU: None,
-    nn.CELU: None, nn.Mish: None, nn.Hardswish: None, nn.Hardtanh: None, nn.Softplus: None,
-    nn.PReLU: None, nn.GLU: None, nn.Hardsigmoid: None, nn.LogSigmoid: None, nn.Softsign: None,
+    nn.Tanh: None,
+    nn.Sigmoid: None,
+    nn.LeakyReLU: None,
+    nn.ReLU6: None,
+    nn.ELU: None,
+    nn.SELU: None,
+    nn.CELU: None,
+    nn.Mish: None,
+    nn.Hardswish: None,
+    nn.Hardtanh: None,
+    nn.Softplus: None,
+    nn.PReLU: None,
+    nn.GLU: None,
+    nn.Hardsigmoid: None,
+    nn.LogSigmoid: None,
+    nn.Softsign: None,
 }
 
 # functions (and tensor methods, by name) -> our name (None = elementwise but unsupported).
 _ACT_FUNCTIONS: dict[object, str | None] = {
-    F.relu: "relu", torch.relu: "relu",
+    F.relu: "relu",
+    torch.relu: "relu",
     F.silu: "silu",
     F.gelu: "gelu",  # approximate="tanh" handled below
-    torch.tanh: None, F.tanh: None, torch.sigmoid: None, F.sigmoid: None, F.leaky_relu: None,
-    F.relu6: None, F.elu: None, F.selu: None, F.mish: None, F.hardswish: None, F.softplus: None,
+    torch.tanh: None,
+    F.tanh: None,
+    torch.sigmoid: None,
+    F.sigmoid: None,
+    F.leaky_relu: None,
+    F.relu6: None,
+    F.elu: None,
+    F.selu: None,
+    F.mish: None,
+    F.hardswish: None,
+    F.softplus: None,
 }
 _ACT_METHODS: dict[str, str | None] = {"relu": "relu", "tanh": None, "sigmoid": None}
 
@@ -108,6 +131,7 @@ def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[bool, s
 
 
 # --- linear-likes --------------------------------------------------------------------------------
+
 
 def is_conv1d(m: nn.Module) -> bool:
     """HF's Conv1D (GPT-2 and kin): a linear layer whose weight is stored transposed, [in, out]."""

@@ -37,6 +37,10 @@ def _pre_hook(sink: list):
     return hook
 
 
+def _not(node):
+    return lambda user: user is not node
+
+
 def _call(model: nn.Module, inputs) -> None:
     if isinstance(inputs, dict):
         model(**inputs)
@@ -50,7 +54,7 @@ def _call(model: nn.Module, inputs) -> None:
 def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tensor]:
     """FFN name -> its inputs [N, D] over one forward of `model` on `inputs` (a tensor, tuple or dict)."""
     sinks: dict[str, list] = {s.match.name: [] for s in sites}
-    hooks, patched = [], []
+    hooks, patched, recorders, copies = [], [], [], {}
     was_training = model.training
     try:
         for site in sites:
@@ -60,27 +64,36 @@ def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tens
                 hooks.append(up.register_forward_pre_hook(_pre_hook(sink), with_kwargs=True))
                 continue
             # F.linear on parameters: a recording copy of the traced method, for this forward only
-            host, method = cand.cap.module, cand.cap.method
-            graph = copy.deepcopy(cand.cap.graph, memo={})
-            node_map = dict(zip(cand.cap.graph.nodes, graph.nodes, strict=True))
+            key = (id(cand.cap.module), cand.cap.method)
+            if key not in copies:  # one copy per traced method, however many FFNs it holds
+                graph = copy.deepcopy(cand.cap.graph, memo={})
+                copies[key] = (
+                    cand.cap.module,
+                    cand.cap.method,
+                    graph,
+                    dict(zip(cand.cap.graph.nodes, graph.nodes, strict=True)),
+                )
+            host, _, graph, node_map = copies[key]
             x = node_map[cand.x]
-            name = f"_moeify_record_{len(patched)}"
+            name = f"_moeify_record_{len(recorders)}"
             host.add_module(name, _Recorder(sink))
+            recorders.append((host, name))
             with graph.inserting_after(x):
                 rec = graph.call_module(name, (x,))
-            x.replace_all_uses_with(rec, delete_user_cb=lambda user: user is not rec)
-            previous = host.__dict__.get(method)
+            x.replace_all_uses_with(rec, delete_user_cb=_not(rec))
+        for host, method, graph, _ in copies.values():
+            patched.append((host, method, host.__dict__.get(method)))
             install_method(host, method, graph)
-            patched.append((host, method, name, previous))
         model.eval()
         _call(model, inputs)
     finally:
         for h in hooks:
             h.remove()
-        for host, method, name, previous in patched:
+        for host, method, previous in patched:
             del host.__dict__[method]
             if previous is not None:
                 host.__dict__[method] = previous
+        for host, name in recorders:
             delattr(host, name)
         model.train(was_training)
     return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in sinks.items()}

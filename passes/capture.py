@@ -66,8 +66,10 @@ class CaptureResult:
     def summary(self) -> str:
         traced = len({c.path for c in self.graphs if c.method == "forward" and not c.concrete})
         methods = sum(1 for c in self.graphs if c.method != "forward")
-        return (f"capture: traced {traced}/{self.tried} candidate modules"
-                f"{f', {methods} methods of modules that did not trace' if methods else ''}")
+        return (
+            f"capture: traced {traced}/{self.tried} candidate modules"
+            f"{f', {methods} methods of modules that did not trace' if methods else ''}"
+        )
 
 
 class _Tracer(fx.Tracer):
@@ -86,8 +88,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
-def _trace(module: nn.Module, leaves: set[int], method: str = "forward",
-           concrete_args: dict | None = None) -> fx.Graph:
+def _trace(
+    module: nn.Module, leaves: set[int], method: str = "forward", concrete_args: dict | None = None
+) -> fx.Graph:
     tracer = _Tracer(leaves)
     tracer.traced_func_name = method
     with warnings.catch_warnings():
@@ -101,8 +104,12 @@ def _defaults(fn) -> dict | None:
         params = list(inspect.signature(fn).parameters.values())[1:]
     except (TypeError, ValueError):
         return None
-    fixed = {p.name: p.default for p in params
-             if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, float, str, type(None)))}
+    fixed = {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and isinstance(p.default, (bool, int, float, str, type(None)))
+    }
     return fixed or None
 
 
@@ -110,11 +117,17 @@ def _methods(module: nn.Module, linear_children: set[str]) -> list[str]:
     """Methods of module's own classes that take a tensor and call a child holding linear-likes."""
     names = []
     for cls in type(module).__mro__:
-        if cls in (nn.Module, object) or cls.__module__.startswith(("torch.nn.modules.module", "transformers.modeling_utils",
-                                                                      "transformers.generation")):
+        if cls in (nn.Module, object) or cls.__module__.startswith(
+            ("torch.nn.modules.module", "transformers.modeling_utils", "transformers.generation")
+        ):
             continue
         for name, fn in vars(cls).items():
-            if name in names or name == "forward" or name.startswith("__") or _SKIP_METHODS.match(name.lstrip("_")):
+            if (
+                name in names
+                or name == "forward"
+                or name.startswith("__")
+                or _SKIP_METHODS.match(name.lstrip("_"))
+            ):
                 continue
             if not inspect.isfunction(fn):
                 continue
@@ -122,8 +135,11 @@ def _methods(module: nn.Module, linear_children: set[str]) -> list[str]:
                 params = list(inspect.signature(fn).parameters.values())[1:]
             except (TypeError, ValueError):
                 continue
-            required = [p for p in params if p.default is inspect.Parameter.empty
-                        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            required = [
+                p
+                for p in params
+                if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
             if not required or any(p.kind is p.KEYWORD_ONLY for p in required):
                 continue  # needs at least one tensor, and nothing we could not pass positionally
             if not set(fn.__code__.co_names) & linear_children:
@@ -174,8 +190,7 @@ def capture(model: nn.Module) -> CaptureResult:
                 result.graphs.append(Captured(path, "forward", graph, module, modules, concrete=True))
             except Exception:  # the second try is best effort; the first error is the one reported
                 pass
-        linear_children = {name for name, child in module.named_children()
-                           if _matrices(child, 1) >= 1}
+        linear_children = {name for name, child in module.named_children() if _matrices(child, 1) >= 1}
         for method in _methods(module, linear_children):
             try:
                 graph = _trace(module, failed - {id(module)}, method=method)

@@ -19,7 +19,6 @@ Each `*_details` returns (details, None) or (None, reason); `choose` returns the
 from __future__ import annotations
 
 import functools
-import operator
 
 from torch import fx
 
@@ -89,8 +88,12 @@ def function_owner(c: Candidate, fn) -> tuple | None:
         for attr, value in vars(m).items():
             if attr.startswith("_"):
                 continue
-            same = value is fn or (isinstance(value, functools.partial) and isinstance(fn, functools.partial)
-                                   and value.func is fn.func and value.keywords == fn.keywords)
+            same = value is fn or (
+                isinstance(value, functools.partial)
+                and isinstance(fn, functools.partial)
+                and value.func is fn.func
+                and value.keywords == fn.keywords
+            )
             if same:
                 owners.append((m, attr))
     return owners[0] if len(owners) == 1 else None
@@ -131,8 +134,11 @@ def forward_details(c: Candidate):
         return None, "its module traced only with fixed defaults"
     body = set(c.body)
     for node in cap.graph.nodes:
-        if node.op == "call_module" and node not in body and node.target in {b.target for b in body
-                                                                              if b.op == "call_module"}:
+        if (
+            node.op == "call_module"
+            and node not in body
+            and node.target in {b.target for b in body if b.op == "call_module"}
+        ):
             return None, f"{cap.full(node.target)} is also called outside the FFN"
     return {}, None
 

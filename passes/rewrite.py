@@ -55,6 +55,7 @@ class MoEBlock(nn.Module):
 
 # --- weights -------------------------------------------------------------------------------------
 
+
 def _matrix(model: nn.Module, ref: LinearRef) -> tuple[Tensor, Tensor | None]:
     """(weight [out, in], bias [out] or None) of one projection, sliced to its rows."""
     w = model.get_parameter(ref.weight).detach()
@@ -77,21 +78,30 @@ def dense_weights(model: nn.Module, match: FFNMatch) -> DenseFFNWeights:
         w1 = torch.cat([gate_w, up_w], dim=0)  # [2H, D]
         b1 = None
         if gate_b is not None or up_b is not None:
-            b1 = torch.cat([gate_b if gate_b is not None else gate_w.new_zeros(gate_w.shape[0]),
-                            up_b if up_b is not None else up_w.new_zeros(up_w.shape[0])])
+            b1 = torch.cat(
+                [
+                    gate_b if gate_b is not None else gate_w.new_zeros(gate_w.shape[0]),
+                    up_b if up_b is not None else up_w.new_zeros(up_w.shape[0]),
+                ]
+            )
     else:
         w1, b1 = up_w, up_b  # [H, D]
     if match.bias:  # a projection without bias gets zeros: the layer has one bias flag
         b1 = b1 if b1 is not None else w1.new_zeros(w1.shape[0])
         down_b = down_b if down_b is not None else down_w.new_zeros(down_w.shape[0])
-    if w1.shape != ((2 if match.gated else 1) * match.d_ff, match.d_model) or down_w.shape != (match.d_model,
-                                                                                                 match.d_ff):
-        raise RuntimeError(f"{match.name}: weights {tuple(w1.shape)}, {tuple(down_w.shape)} do not fit "
-                           f"d_model={match.d_model}, d_ff={match.d_ff}")
+    if w1.shape != ((2 if match.gated else 1) * match.d_ff, match.d_model) or down_w.shape != (
+        match.d_model,
+        match.d_ff,
+    ):
+        raise RuntimeError(
+            f"{match.name}: weights {tuple(w1.shape)}, {tuple(down_w.shape)} do not fit "
+            f"d_model={match.d_model}, d_ff={match.d_ff}"
+        )
     return DenseFFNWeights(w1=w1, b1=b1, w2=down_w, b2=down_b, activation=match.activation, gated=match.gated)
 
 
 # --- module tree helpers --------------------------------------------------------------------------
+
 
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module | None) -> int:
     """Put `new` wherever `old` is a child (every path, so shared modules stay shared); count of places."""
@@ -126,6 +136,7 @@ def _disable_torch_fast_paths(model: nn.Module, owner: nn.Module) -> None:
 
 # --- surgeries -----------------------------------------------------------------------------------
 
+
 def _module_surgery(model: nn.Module, site: Site, layer: nn.Module) -> None:
     details, why = plan.module_details(site.cand)
     if details is None:
@@ -141,8 +152,11 @@ def _module_surgery(model: nn.Module, site: Site, layer: nn.Module) -> None:
             else:
                 drops.append(nn.Dropout(plan._dropout_p(node)))
         dropout = drops[0] if len(drops) == 1 else nn.Sequential(*drops)
-    simple = details["x_index"] == 0 and dropout is None and \
-        sum(1 for n in site.cand.cap.graph.nodes if n.op == "placeholder") == 1
+    simple = (
+        details["x_index"] == 0
+        and dropout is None
+        and sum(1 for n in site.cand.cap.graph.nodes if n.op == "placeholder") == 1
+    )
     new = layer if simple else MoEBlock(layer, details["x_index"], details["x_name"], dropout)
     if replace_module(model, host, new) == 0:
         raise RuntimeError(f"{site.match.name}: module not found in the model")
@@ -216,7 +230,7 @@ def _forward_surgery(model: nn.Module, site: Site, layer: nn.Module) -> None:
     for ref in (site.match.up, site.match.gate, site.match.down):
         if ref is None:
             continue
-        rel = lambda path: path[len(cap.path) + 1:] if cap.path else path  # noqa: E731
+        rel = lambda path: path[len(cap.path) + 1 :] if cap.path else path  # noqa: E731
         if ref.module is not None:
             if rel(ref.module) not in used_modules:
                 try:

@@ -40,8 +40,12 @@ class Candidate:
     @property
     def key(self) -> tuple:
         """Identity of the FFN across capture sites: where its weights live."""
-        return (self.up_ref.weight, self.up_ref.rows, self.down_ref.weight,
-                self.gate_ref.weight if self.gate_ref else None)
+        return (
+            self.up_ref.weight,
+            self.up_ref.rows,
+            self.down_ref.weight,
+            self.gate_ref.weight if self.gate_ref else None,
+        )
 
     @property
     def label(self) -> str:
@@ -84,12 +88,24 @@ def linear_ref(node: fx.Node | None, cap: Captured) -> LinearRef | None:
         m = cap.modules.get(node.target)
         path = cap.full(node.target)
         if isinstance(m, nn.Linear):
-            return LinearRef("linear", path, f"{path}.weight", f"{path}.bias" if m.bias is not None else None,
-                             m.in_features, m.out_features)
+            return LinearRef(
+                "linear",
+                path,
+                f"{path}.weight",
+                f"{path}.bias" if m.bias is not None else None,
+                m.in_features,
+                m.out_features,
+            )
         if m is not None and is_conv1d(m):
             bias = getattr(m, "bias", None)
-            return LinearRef("conv1d", path, f"{path}.weight", f"{path}.bias" if bias is not None else None,
-                             m.weight.shape[0], m.weight.shape[1])
+            return LinearRef(
+                "conv1d",
+                path,
+                f"{path}.weight",
+                f"{path}.bias" if bias is not None else None,
+                m.weight.shape[0],
+                m.weight.shape[1],
+            )
         return None
     if node.op == "call_function" and node.target is F.linear:
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -119,14 +135,18 @@ def common_check(c: Candidate) -> str | None:
 
         return f"activation {c.act_display} is not supported (supported: {SUPPORTED}) [{c.label}]"
     if c.down_ref.out_features != d_model:
-        return (f"the down projection maps {hidden} -> {c.down_ref.out_features} features, not back to the "
-                f"input width {d_model}: a head or a projection, not an FFN [{c.label}]")
+        return (
+            f"the down projection maps {hidden} -> {c.down_ref.out_features} features, not back to the "
+            f"input width {d_model}: a head or a projection, not an FFN [{c.label}]"
+        )
     inside = set(c.body)
     for node in c.body:
         if node is c.down:
             continue
         outside = [u for u in node.users if u not in inside]
         if outside:
-            return (f"the FFN's hidden values ({node.name}) are also used outside it, by "
-                    f"{', '.join(u.name for u in outside)} [{c.label}]")
+            return (
+                f"the FFN's hidden values ({node.name}) are also used outside it, by "
+                f"{', '.join(u.name for u in outside)} [{c.label}]"
+            )
     return None

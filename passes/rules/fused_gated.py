@@ -28,7 +28,8 @@ def _chunk_part(node: fx.Node | None) -> tuple[fx.Node, int] | None:
     if not isinstance(chunk, fx.Node):
         return None
     is_chunk = (chunk.op == "call_method" and chunk.target == "chunk") or (
-        chunk.op == "call_function" and chunk.target is torch.chunk)
+        chunk.op == "call_function" and chunk.target is torch.chunk
+    )
     if not is_chunk:
         return None
     pieces = chunk.args[1] if len(chunk.args) > 1 else chunk.kwargs.get("chunks")
@@ -62,14 +63,41 @@ def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
         x = first_input(fused)
         if x is None:
             continue
-        body = [fused, *reversed(fused_casts), chunk, gate_part, *reversed(gate_casts), act,
-                *reversed(act_casts), up_part, *reversed(up_casts), mul, *reversed(between), down]
-        return Candidate(NAME, cap, x, down, down_ref, fused, up_ref, act, name, display, gate=fused,
-                         gate_ref=gate_ref, body=body)
+        body = [
+            fused,
+            *reversed(fused_casts),
+            chunk,
+            gate_part,
+            *reversed(gate_casts),
+            act,
+            *reversed(act_casts),
+            up_part,
+            *reversed(up_casts),
+            mul,
+            *reversed(between),
+            down,
+        ]
+        return Candidate(
+            NAME,
+            cap,
+            x,
+            down,
+            down_ref,
+            fused,
+            up_ref,
+            act,
+            name,
+            display,
+            gate=fused,
+            gate_ref=gate_ref,
+            body=body,
+        )
     return None
 
 
 def check(c: Candidate) -> str | None:
     if c.up_ref.out_features != c.down_ref.in_features:
-        return f"the fused projection's halves ({c.up_ref.out_features}) do not match down's input [{c.label}]"
+        return (
+            f"the fused projection's halves ({c.up_ref.out_features}) do not match down's input [{c.label}]"
+        )
     return common_check(c)

@@ -46,17 +46,41 @@ def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
         x = first_input(up)
         if x is None or first_input(gate) is not x:
             continue
-        body = [gate, *reversed(gate_casts), act, *reversed(act_casts), up, *reversed(up_casts), mul,
-                *reversed(between), down]
-        return Candidate(NAME, cap, x, down, down_ref, up, up_ref, act, name, display, gate=gate,
-                         gate_ref=gate_ref, body=body)
+        body = [
+            gate,
+            *reversed(gate_casts),
+            act,
+            *reversed(act_casts),
+            up,
+            *reversed(up_casts),
+            mul,
+            *reversed(between),
+            down,
+        ]
+        return Candidate(
+            NAME,
+            cap,
+            x,
+            down,
+            down_ref,
+            up,
+            up_ref,
+            act,
+            name,
+            display,
+            gate=gate,
+            gate_ref=gate_ref,
+            body=body,
+        )
     return None
 
 
 def check(c: Candidate) -> str | None:
     if not (c.gate_ref.out_features == c.up_ref.out_features == c.down_ref.in_features):
-        return (f"gate ({c.gate_ref.out_features}), up ({c.up_ref.out_features}) and down input "
-                f"({c.down_ref.in_features}) widths differ [{c.label}]")
+        return (
+            f"gate ({c.gate_ref.out_features}), up ({c.up_ref.out_features}) and down input "
+            f"({c.down_ref.in_features}) widths differ [{c.label}]"
+        )
     if c.gate_ref.in_features != c.up_ref.in_features:
         return f"gate and up projections take different widths [{c.label}]"
     return common_check(c)

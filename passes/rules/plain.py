@@ -36,6 +36,8 @@ def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
 
 def check(c: Candidate) -> str | None:
     if c.up_ref.out_features != c.down_ref.in_features:
-        return (f"the up projection gives {c.up_ref.out_features} features but the down projection takes "
-                f"{c.down_ref.in_features} [{c.label}]")
+        return (
+            f"the up projection gives {c.up_ref.out_features} features but the down projection takes "
+            f"{c.down_ref.in_features} [{c.label}]"
+        )
     return common_check(c)
