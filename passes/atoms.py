@@ -38,6 +38,11 @@ _HF_ACTIVATIONS: dict[str, str | None] = {
     "XIELUActivation": None,
 }
 
+# activation classes defined inside one transformers model, by class name.
+_HF_MODEL_ACTIVATIONS: dict[str, str | None] = {
+    "BloomGelu": "gelu_tanh",  # x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 x^2)))
+}
+
 # torch.nn activation modules -> our name (None = elementwise but unsupported).
 _TORCH_ACT_MODULES: dict[type, str | None] = {
     nn.ReLU: "relu",
@@ -92,6 +97,8 @@ def _hf_activation_name(m: nn.Module) -> str | None:
     cls = type(m)
     if cls.__module__.startswith("transformers.activations") and cls.__name__ in _HF_ACTIVATIONS:
         return cls.__name__
+    if cls.__module__.startswith("transformers.models.") and cls.__name__ in _HF_MODEL_ACTIVATIONS:
+        return cls.__name__
     return None
 
 
@@ -108,10 +115,7 @@ def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[bool, s
             return True, name, type(m).__name__
         hf = _hf_activation_name(m)
         if hf is not None:
-            name = _HF_ACTIVATIONS[hf]
-            if hf == "GELUActivation" and getattr(m, "act", None) is not F.gelu:
-                name = "gelu"  # the erf formula in Python: the same function
-            return True, name, hf
+            return True, {**_HF_ACTIVATIONS, **_HF_MODEL_ACTIVATIONS}[hf], hf
         return False, None, ""
     if node.op == "call_function":
         fn = node.target

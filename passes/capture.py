@@ -9,8 +9,9 @@ raw 2-D parameters, in its subtree):
   that failed to trace are leaves: they show as `call_module` nodes;
 - a child that traced is traced through, so a parent's graph sees an FFN split across sibling modules
   (BERT's `intermediate` + `output`) as one chain;
-- a module whose `forward` fails gets a second try with its non-tensor defaults fixed (analysis-only
-  graph), and its other methods that call its children are traced on their own
+- a module whose `forward` fails gets a second, analysis-only try: the undecorated forward, its
+  non-tensor defaults and `**kwargs` fixed, data-dependent conditions taken as False; and its other
+  methods that call its children are traced on their own
   (`TransformerEncoderLayer._ff_block`, `BertLayer.feed_forward_chunk`, ALBERT's `ff_chunk`).
 
 Tracing runs model code on proxies and touches no weights; its warnings are silenced.
@@ -66,16 +67,24 @@ class CaptureResult:
     def summary(self) -> str:
         traced = len({c.path for c in self.graphs if c.method == "forward" and not c.concrete})
         methods = sum(1 for c in self.graphs if c.method != "forward")
-        return (
-            f"capture: traced {traced}/{self.tried} candidate modules"
-            f"{f', {methods} methods of modules that did not trace' if methods else ''}"
-        )
+        fixed = sum(1 for c in self.graphs if c.concrete)
+        extra = [f"{fixed} more with flags fixed (analysis only)"] if fixed else []
+        extra += [f"{methods} methods of modules that did not trace"] if methods else []
+        return f"capture: traced {traced}/{self.tried} candidate modules" + "".join(f", {e}" for e in extra)
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[int]):
+    def __init__(self, leaves: set[int], lenient: bool = False):
         super().__init__()
         self._leaves = leaves
+        self._lenient = lenient
+
+    def to_bool(self, obj) -> bool:
+        # Analysis-only tries take the False branch of data-dependent conditions (HF layers test
+        # `hidden_states.dtype == torch.float16` before clamping): the FFN's data flow does not change.
+        if self._lenient:
+            return False
+        return super().to_bool(obj)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if id(m) in self._leaves or is_atom(m):
@@ -88,28 +97,45 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
+_TRACED = "_moeify_traced_fn"
+
+
 def _trace(
-    module: nn.Module, leaves: set[int], method: str = "forward", concrete_args: dict | None = None
+    module: nn.Module, leaves: set[int], method: str = "forward", concrete_args: dict | None = None, fn=None
 ) -> fx.Graph:
-    tracer = _Tracer(leaves)
+    """Trace `module.<method>`, or the plain function `fn` as if it were a method of module's class."""
+    tracer = _Tracer(leaves, lenient=concrete_args is not None or fn is not None)
     tracer.traced_func_name = method
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tracer.trace(module, concrete_args=concrete_args)
+    cls = type(module)
+    if fn is not None:  # fx traces a class attribute: lend the function one, for this call only
+        setattr(cls, _TRACED, fn)
+        tracer.traced_func_name = _TRACED
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tracer.trace(module, concrete_args=concrete_args)
+    finally:
+        if fn is not None:
+            delattr(cls, _TRACED)
 
 
-def _defaults(fn) -> dict | None:
-    """Non-tensor defaults of fn's parameters (flags, None masks) to fix for a second try."""
+def _fixed(fn) -> dict | None:
+    """Values to fix for a second, analysis-only try: non-tensor defaults (flags, None masks), and
+    nothing for `*args` / `**kwargs` (HF 5 passes `**kwargs` everywhere; a proxy cannot be unpacked)."""
     try:
         params = list(inspect.signature(fn).parameters.values())[1:]
     except (TypeError, ValueError):
         return None
-    fixed = {
-        p.name: p.default
-        for p in params
-        if p.default is not inspect.Parameter.empty
-        and isinstance(p.default, (bool, int, float, str, type(None)))
-    }
+    fixed = {}
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            fixed[f"**{p.name}"] = {}
+        elif p.kind is p.VAR_POSITIONAL:
+            fixed[f"*{p.name}"] = ()
+        elif p.default is not inspect.Parameter.empty and isinstance(
+            p.default, (bool, int, float, str, type(None))
+        ):
+            fixed[p.name] = p.default
     return fixed or None
 
 
@@ -183,10 +209,13 @@ def capture(model: nn.Module) -> CaptureResult:
         except Exception as exc:  # any failure of user code under tracing makes this module a leaf
             result.failures[path] = _first_line(exc)
             failed.add(id(module))
-        fixed = _defaults(type(module).forward)
-        if fixed:
+        # second try, analysis-only: the undecorated forward (HF wraps it in a *args/**kwargs
+        # checkpointing shim) with flags and **kwargs fixed
+        forward = inspect.unwrap(type(module).forward)
+        fixed = _fixed(forward)
+        if fixed or forward is not type(module).forward:
             try:
-                graph = _trace(module, failed - {id(module)}, concrete_args=fixed)
+                graph = _trace(module, failed - {id(module)}, concrete_args=fixed, fn=forward)
                 result.graphs.append(Captured(path, "forward", graph, module, modules, concrete=True))
             except Exception:  # the second try is best effort; the first error is the one reported
                 pass

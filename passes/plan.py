@@ -100,9 +100,9 @@ def function_owner(c: Candidate, fn) -> tuple | None:
 
 
 def chain_details(c: Candidate):
+    # A graph traced with fixed flags is fine here: the surgery swaps atoms and never runs the graph,
+    # and the FFN's own data flow does not depend on a layer's flags.
     cap = c.cap
-    if cap.concrete:
-        return None, "its module traced only with fixed defaults"
     if c.up.op != "call_module" or c.down.op != "call_module":
         return None, "its projections are not modules"
     calls = [n.target for n in cap.graph.nodes if n.op == "call_module"]
@@ -121,9 +121,10 @@ def chain_details(c: Candidate):
             else:
                 return None, "the activation is called directly in code, not through an attribute"
         elif pass_through_kind(node, cap.modules) == "dropout":
-            if node.op != "call_module":
-                return None, "a functional dropout sits between the projections"
-            identities.append(node)
+            if node.op == "call_module":
+                identities.append(node)
+            elif _dropout_p(node) != 0:  # p=0 (BART's default activation_dropout) does nothing anywhere
+                return None, f"a functional dropout (p={_dropout_p(node)}) sits between the projections"
         # casts stay: applied to the D-wide input they change nothing
     return {"identities": identities, "functions": functions}, None
 
