@@ -278,7 +278,7 @@ def convert(
             except ConfigError as exc:
                 raise ConfigError(f"FFN {m.name!r}: {exc}") from None
             layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
-            upcycle_layer(layer, dense, ucfg, calibration=calib.get(m.name))
+            upcycle_layer(layer, dense, ucfg, calibration=calib.get(m.name), key=m.name)
         layers.append((site, cfg, layer))
 
     def apply_all():
