@@ -278,6 +278,7 @@ def convert(
             except ConfigError as exc:
                 raise ConfigError(f"FFN {m.name!r}: {exc}") from None
             layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
+            layer.train(site.cand.cap.module.training)  # an eval-mode model gets eval-mode layers
             upcycle_layer(layer, dense, ucfg, calibration=calib.get(m.name), key=m.name)
         layers.append((site, cfg, layer))
 

@@ -168,8 +168,10 @@ def pass_through_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | Non
 
 
 def is_atom(m: nn.Module) -> bool:
-    """Modules capture never traces through."""
-    return is_linear_module(m) or is_activation_module(m) or is_dropout_module(m)
+    """Modules capture never traces through (an MoELayer already converted is one: never converted twice)."""
+    from moeify.layer import MoELayer
+
+    return is_linear_module(m) or is_activation_module(m) or is_dropout_module(m) or isinstance(m, MoELayer)
 
 
 MUL_TARGETS = (operator.mul, torch.mul)

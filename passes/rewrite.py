@@ -104,7 +104,10 @@ def dense_weights(model: nn.Module, match: FFNMatch) -> DenseFFNWeights:
 
 
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module | None) -> int:
-    """Put `new` wherever `old` is a child (every path, so shared modules stay shared); count of places."""
+    """Put `new` wherever `old` is a child (every path, so shared modules stay shared); count of places.
+    `new` takes `old`'s train/eval mode."""
+    if new is not None:
+        new.train(old.training)
     count = 0
     for parent in model.modules():
         for name, child in list(parent._modules.items()):

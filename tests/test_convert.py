@@ -316,3 +316,21 @@ def test_seed_is_deterministic_and_leaves_global_rng():
     assert all(
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
+
+
+def test_new_layers_follow_the_model_mode_and_mixed_biases():
+    model = nn.Sequential(nn.Linear(D, H, bias=True), nn.GELU(), nn.Linear(H, D, bias=False)).eval()
+    x = torch.randn(5, D)
+    moe = moeify.convert(model, experts=E, config={"jitter_noise": 0.5})
+    assert all(not m.training for m in moe.modules())
+    with torch.no_grad():
+        assert rel_err(moe(x), model(x)) <= 1e-5
+    (layer,) = _moe_layers(moe)
+    assert layer.config.bias and torch.equal(layer.b2, torch.zeros_like(layer.b2))  # the missing bias is 0
+    assert all(m.training for m in moeify.convert(ZOO["llama"].build().train(), experts=E).modules())
+
+
+def test_converted_model_is_not_converted_again():
+    moe = moeify.convert(ZOO["llama"].build(), experts=E)
+    with pytest.raises(MoeifyError, match="no FFN found"):
+        moeify.convert(moe, experts=E)
