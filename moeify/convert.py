@@ -28,6 +28,7 @@ from passes.analyse import Analysis, Site, analyse
 from passes.calibrate import record_inputs
 from passes.match import FFNMatch, Rejection
 from passes.rewrite import dense_weights, rewrite
+from passes.token_ids import HASHING_ROUTERS, wire_token_ids
 
 # MoEConfig fields convert fills itself: from the FFN found, or from its own arguments.
 _FROM_FFN = ("d_model", "d_ff", "activation", "gated", "bias")
@@ -287,6 +288,11 @@ def convert(
             rewrite(target, site, layer)
 
     _stage("rewrite", done, apply_all)
+    wiring = []
+    if router in HASHING_ROUTERS:
+        wiring.append(
+            _stage("token_ids", done, lambda: wire_token_ids(target, [lay for _, _, lay in layers]))
+        )
     report = _report(
         target,
         analysis,
@@ -304,6 +310,7 @@ def convert(
         exclude,
         filter_fn,
     )
+    report = dataclasses.replace(report, passes=report.passes + tuple(wiring))
     setattr(target, REPORT_ATTR, report)
     return target
 

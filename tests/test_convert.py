@@ -334,3 +334,42 @@ def test_converted_model_is_not_converted_again():
     moe = moeify.convert(ZOO["llama"].build(), experts=E)
     with pytest.raises(MoeifyError, match="no FFN found"):
         moeify.convert(moe, experts=E)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_hash_router_gets_the_token_ids(name):
+    entry = ZOO[name]
+    moe = moeify.convert(entry.build(), experts=E, router="hash", k=1)
+    assert "token ids: wired from input_ids to 2 layers" in moeify.conversion_report(moe).passes
+    seen = []
+    layer = _moe_layers(moe)[0]
+    layer.router.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(
+            (kwargs.get("token_ids", args[1] if len(args) > 1 else None), out.expert_idx)
+        ),
+        with_kwargs=True,
+    )
+    ids = torch.tensor([[5, 7, 5, 9, 7, 5]])
+    with torch.no_grad():
+        moe(input_ids=ids)
+    token_ids, experts = seen[-1]
+    assert torch.equal(token_ids, ids.reshape(-1))
+    by_id = {}
+    for t, e in zip(token_ids.tolist(), experts.tolist(), strict=True):
+        assert by_id.setdefault(t, e) == e  # one expert per token id, wherever it stands
+    copy_of = __import__("copy").deepcopy(moe)  # the copy's hooks read the copy's ids
+    with torch.no_grad():
+        copy_of(input_ids=ids)
+    if name == "gpt2":
+        with torch.no_grad():
+            out = moe.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 6) and torch.equal(seen[-1][0], out[0, -2:-1])  # last step: the new token
+
+
+def test_hash_router_not_wired_without_input_ids():
+    moe = moeify.convert(ZOO["t5"].build(), experts=E, router="hash")
+    assert any("not wired (encoder-decoder" in p for p in moeify.conversion_report(moe).passes)
+    moe = moeify.convert(ZOO["sequential"].build(), experts=E, router="hash")
+    assert any(
+        "not wired (the model's forward takes no input_ids" in p for p in moeify.conversion_report(moe).passes
+    )
