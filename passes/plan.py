@@ -146,6 +146,11 @@ def forward_details(c: Candidate):
 
 DETAILS = {"module": module_details, "chain": chain_details, "forward": forward_details}
 
+# What each surgery promises: with an MoELayer that computes the dense FFN (copy + renormalised top-k),
+# the model computes what it did, in eval mode. (In training, dropout between activation and down
+# projection is gone.) tests/test_convert.py checks each promise on a model that uses the surgery.
+PRESERVES_COMPUTATION = {"module": True, "chain": True, "forward": True}
+
 
 def choose(c: Candidate, rule) -> tuple[str | None, str | None]:
     """The first surgery of the rule's preference that applies, or (None, the reasons)."""

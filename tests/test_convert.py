@@ -373,3 +373,14 @@ def test_hash_router_not_wired_without_input_ids():
     assert any(
         "not wired (the model's forward takes no input_ids" in p for p in moeify.conversion_report(moe).passes
     )
+
+
+@pytest.mark.parametrize("surgery, name", [("module", "llama"), ("chain", "bert"), ("forward", "raw_linear")])
+def test_every_surgery_keeps_its_promise(surgery, name):
+    from passes import plan
+
+    assert set(plan.PRESERVES_COMPUTATION) == set(plan.DETAILS) == {"module", "chain", "forward"}
+    entry, _, ref, moe = _converted(name)
+    assert {f.rewrite for f in moeify.conversion_report(moe).ffns} == {surgery}
+    with torch.no_grad():
+        assert (rel_err(entry.run(moe), ref) <= 1e-5) == plan.PRESERVES_COMPUTATION[surgery]
