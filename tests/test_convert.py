@@ -384,3 +384,14 @@ def test_every_surgery_keeps_its_promise(surgery, name):
     assert {f.rewrite for f in moeify.conversion_report(moe).ffns} == {surgery}
     with torch.no_grad():
         assert (rel_err(entry.run(moe), ref) <= 1e-5) == plan.PRESERVES_COMPUTATION[surgery]
+
+
+def test_rebuild_recipe_keeps_split_widths():
+    entry, _, ref, moe = _converted("llama", init="split", k=E)
+    report = moeify.conversion_report(moe)
+    assert {f.expert_d_ff for f in report.ffns} == {H // E}
+    assert report.options["expert_d_ff"] == {f"model.layers.{i}.mlp": H // E for i in range(2)}
+    fresh = moeify.convert(ZOO["llama"].build(), **json.loads(json.dumps(report.options)), init="none")
+    fresh.load_state_dict(moe.state_dict())
+    with torch.no_grad():
+        assert rel_err(entry.run(fresh), ref) <= 1e-5
