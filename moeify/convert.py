@@ -183,7 +183,14 @@ def _expert_width(expert_d_ff_opt, site: Site, ucfg: UpcycleConfig, experts: int
 
 
 def _active_experts(cfg: MoEConfig) -> int:
-    return cfg.num_experts if cfg.router == "soft" else cfg.k
+    """Experts one token runs (on average for expert choice; soft runs all of them on its slots)."""
+    if cfg.router == "soft":
+        return cfg.num_experts
+    if cfg.router == "balanced":
+        return 1  # BASE is top-1 whatever k says
+    if cfg.router == "expert_choice":  # E experts x C = cf*T*k/E tokens each: cf*k per token
+        return min(cfg.num_experts, max(1, round(cfg.k * (cfg.capacity_factor or 1.0))))
+    return cfg.k
 
 
 def _expert_params(cfg: MoEConfig) -> int:

@@ -3,7 +3,8 @@
 Parameter counts are over unique parameters (a shared layer counts once). "Active per token" is every
 parameter except the experts a token does not run: a token-choice router runs k of E experts per
 token, so each MoE layer contributes router + shared experts + k experts; the rest of the model is
-dense and fully active. (A soft-MoE router runs every expert on its slots; it counts E.)
+dense and fully active. (Soft MoE runs every expert on its slots: E; balanced is top-1: 1; expert choice
+runs cf*k experts per token on average.)
 
 `options` is JSON-able and rebuilds the structure: `convert(fresh_model, **report.options, init="none")`
 gives a model whose `state_dict` has the same keys and shapes, so the converted weights load into it.
