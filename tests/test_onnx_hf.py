@@ -13,12 +13,12 @@ transformers = pytest.importorskip("transformers")
 VOCAB, D, H = 100, 32, 64
 
 
-def _to_moe(model, kind):
+def _to_moe(model, kind, router="topk"):
     """Upcycle every FFN into 4 experts, top-2. Uses moeify.convert where available, else builds the layers
     by hand (BERT: intermediate -> MoELayer, output.dense -> Identity; LLaMA: mlp -> MoELayer)."""
     convert = getattr(moeify, "convert", None)
     if convert is not None:
-        return convert(model, experts=4, k=2, init="copy")
+        return convert(model, experts=4, k=2, router=router, init="copy")
     torch.manual_seed(0)
     if kind == "bert":
         for layer in model.encoder.layer:
@@ -40,12 +40,12 @@ def tiny_bert():
     return _to_moe(transformers.BertModel(cfg).eval(), "bert").eval()
 
 
-def tiny_llama():
+def tiny_llama(router="topk"):
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=2, intermediate_size=H,
                                    max_position_embeddings=64)
     torch.manual_seed(0)
-    return _to_moe(transformers.LlamaForCausalLM(cfg).eval(), "llama").eval()
+    return _to_moe(transformers.LlamaForCausalLM(cfg).eval(), "llama", router).eval()
 
 
 def _check(model, path, main_output):
@@ -79,3 +79,12 @@ def test_tiny_llama_end_to_end(tmp_path, target):
     assert set(result.layers.values()) == {expected}  # SwiGLU experts, renormalised top-2: fused
     _check(model, result.path, "logits")
     assert model.config.use_cache  # restored after export
+
+
+@pytest.mark.skipif(not hasattr(moeify, "convert"), reason="needs moeify.convert (token ids wiring)")
+def test_tiny_llama_hash_router_on_token_ids(tmp_path):
+    """convert wires input_ids to the hash router's layers through hooks; they export as graph ops."""
+    model = tiny_llama(router="hash")
+    result = moeify.export_onnx(model, None, tmp_path / "llama-hash.onnx")
+    assert set(result.layers.values()) == {"moeify.GroupedFFN"}
+    _check(model, result.path, "logits")

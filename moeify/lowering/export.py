@@ -188,6 +188,8 @@ def _quiet_exporter():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=FutureWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
+            # convert's token-id hooks keep the call's input_ids on the layers: fine while exporting
+            warnings.filterwarnings("ignore", message=r"The tensor attribute self\._moeify_token_ids")
             yield
     finally:
         logger.setLevel(level)
