@@ -219,3 +219,10 @@ def test_export_errors_are_one_line(tmp_path):
     with pytest.raises(MoeifyError) as info:
         moeify.export_onnx(model, torch.randn(2, 3, D + 1), tmp_path / "m.onnx")
     assert "\n" not in str(info.value)
+
+
+def test_size_one_example_axes_stay_dynamic(tmp_path):
+    # torch.export specialises axes of size 1; export_onnx widens such example axes before tracing
+    model = Chain([cfg(activation="relu")]).eval()
+    result = moeify.export_onnx(model, torch.randn(1, 1, D), tmp_path / "unit.onnx")
+    _compare(model, result.path)

@@ -77,8 +77,10 @@ def export_onnx(model: nn.Module, example_inputs=None, path: str | Path = "model
     if param is not None and param.dtype != dtype:
         model = copy.deepcopy(model).to(dtype)
     args, kwargs = _normalise_inputs(model, example_inputs, dtype)
-    shapes = dynamic_shapes if dynamic_shapes is not None else (_guess_dynamic_shapes(args, kwargs)
-                                                                 if dynamic else None)
+    shapes = dynamic_shapes
+    if dynamic and dynamic_shapes is None:
+        args, kwargs = _widen_unit_axes(args, kwargs)
+        shapes = _guess_dynamic_shapes(args, kwargs)
     from moeify.layer import MoELayer
     from moeify.lowering.functions import attach_functions, inline_functions
     from moeify.lowering.hook import plan_for
@@ -155,6 +157,26 @@ def _normalise_inputs(model, example_inputs, dtype) -> tuple[tuple, dict]:
         return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
     return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _widen_unit_axes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Repeat example inputs along dynamic axes of size 1 (to 2): torch.export specialises size-1 axes,
+    and the exported graph was then silently wrong at other sizes (seen with a batch-1 example)."""
+
+    def widen(v, spec):
+        if not isinstance(v, torch.Tensor) or not spec:
+            return v
+        for axis in spec:
+            if v.shape[axis] == 1:
+                v = torch.cat([v, v], dim=axis)
+        return v
+
+    shapes = _guess_dynamic_shapes(args, kwargs)
+    if isinstance(shapes, tuple):
+        args = tuple(widen(a, s) for a, s in zip(args, shapes, strict=True))
+    elif isinstance(shapes, dict):
+        kwargs = {k: widen(v, shapes[k]) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def _guess_dynamic_shapes(args: tuple, kwargs: dict):

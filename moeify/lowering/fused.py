@@ -12,9 +12,15 @@ Activations, as measured rather than as named:
     (GPT-OSS form). With alpha=1, beta=0 and no limit it is SwiGLU, silu(gate) * up, and we set those
     attributes explicitly. The CPU kernel only takes the interleaved fused layout (swiglu_fusion=1:
     row 2i is gate_i, row 2i+1 is up_i), so the lowering interleaves moeify's [gate; up] rows.
-    Some onnxruntime builds hard-code the GPT-OSS constants (alpha 1.702, beta 1, limit 7); to stay
-    correct everywhere, each (activation, gated) pair is *probed* once on the installed onnxruntime
-    against moeify's own reference, and a pair that does not match lowers to moeify ops instead.
+    Other onnxruntime versions may differ (e.g. use GPT-OSS constants alpha 1.702, beta 1, limit 7 that
+    we did not set; not verified here); to stay correct everywhere, each (activation, gated, normalise)
+    combination is *probed* once on the installed onnxruntime against moeify's own reference, and one
+    that does not match lowers to moeify ops instead.
+
+Without renormalisation (normalize_routing_weights=0) the onnxruntime 1.31 CPU kernel returns wrong
+numbers when its input is a Reshape of an intermediate value, which is exactly how an exported layer feeds
+it ([B, S, D] -> [T, D] after a norm); the probe builds that surrounding, so unnormalised layers lower to
+moeify ops on such builds.
 
 Scoring: softmax scores map directly. Sigmoid scores with renormalisation map too: feeding
   router_probs = log(sigmoid(logits)) makes the op's softmax-then-renormalise give
