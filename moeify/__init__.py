@@ -1,9 +1,11 @@
 """moeify: turn dense PyTorch models into Mixture-of-Experts models."""
 
+from moeify._passes_stub import conversion_report, convert, explain_ffns, find_ffns  # TEMP stub
 from moeify.config import ConfigError, MoEConfig
+from moeify.io import load, save
 from moeify.layer import MoELayer, aux_loss
 from moeify.stats import RoutingStats, routing_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "MoEConfig", "MoELayer", "RoutingStats", "aux_loss", "routing_stats"]
+__all__ = ["ConfigError", "MoEConfig", "MoELayer", "RoutingStats", "aux_loss", "load", "routing_stats", "save"]
