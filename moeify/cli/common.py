@@ -55,10 +55,14 @@ def load_source(spec: str, arch: str | None, trust_pickle: bool, what: str = "mo
     return loaded, time.perf_counter() - start
 
 
-def check_k(k: int, experts: int | None) -> None:
+def check_k(k: int | None, experts: int | None) -> int:
+    """The k to use (default 2, at most the expert count); BadParameter (exit 2) when k > experts."""
+    if k is None:
+        return min(2, experts or 2)
     if experts is not None and k > experts:
         raise click.BadParameter(f"k={k} is larger than --experts {experts}; each token picks k of the "
                                  "experts, so use --k <= --experts", param_hint="'--k'")
+    return k
 
 
 def default_output(spec: str, experts: int, suffix: str = "moe") -> Path:

@@ -57,8 +57,8 @@ class LazyChoice(click.Choice):
               help="Number of experts per converted FFN.")
 @click.option("--router", type=LazyChoice(_router_names), default="topk", show_default=True,
               help="Routing scheme.")
-@click.option("--k", type=click.IntRange(min=1), default=2, show_default=True, metavar="K",
-              help="Experts each token is sent to.")
+@click.option("--k", type=click.IntRange(min=1), metavar="K",
+              help="Experts each token is sent to.  [default: 2, or N when N < 2]")
 @click.option("--init", type=LazyChoice(_init_names), default="copy", show_default=True,
               help="How experts are filled from the dense weights (none: random, for training from scratch).")
 @click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
@@ -84,7 +84,7 @@ moeify convert ./all-MiniLM-L6-v2 --experts 8 --k 2 -o minilm-moe8
 moeify convert moeify.zoo:tiny_llama -e 8 --format mixtral -o tiny-mixtral
 moeify convert weights.safetensors --arch mypkg.models:build -e 16 --every 2 -o out.pt
 """)
-def convert(model: str, experts: int, router: str, k: int, init: str, every: int, include: tuple[str, ...],
+def convert(model: str, experts: int, router: str, k: int | None, init: str, every: int, include: tuple[str, ...],
             exclude: tuple[str, ...], capacity_factor: float | None, seed: int, output: Path | None, fmt: str,
             force: bool, arch: str | None, trust_pickle: bool) -> None:
     """Convert the FFNs of MODEL into Mixture-of-Experts layers and write the result to OUT.
@@ -97,7 +97,7 @@ def convert(model: str, experts: int, router: str, k: int, init: str, every: int
     from moeify.errors import MoeifyError
     from moeify.io.atomic import check_destination
 
-    check_k(k, experts)
+    k = check_k(k, experts)
     out = output if output is not None else default_output(model, experts)
     if fmt == "auto":
         fmt = "pt" if out.suffix in (".pt", ".pth") else "moeify"

@@ -24,7 +24,7 @@ moeify demo --experts 4 --k 1 -o demo-out
 def demo(experts: int, k: int, output: Path | None) -> None:
     """Build a tiny LLaMA (moeify.zoo:tiny_llama, seed 0, no download), convert it, verify it, save and
     reload it, and export it as a Hugging Face Mixtral checkpoint."""
-    check_k(k, experts)
+    k = check_k(k, experts)
     if output is not None:
         from moeify.io.atomic import check_destination
 

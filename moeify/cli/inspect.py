@@ -23,8 +23,8 @@ from moeify.cli.summary import ffn_rows, rejected_rows
 @click.argument("model")
 @click.option("--experts", type=click.IntRange(min=1), metavar="N",
               help="Also show total and active parameters after converting to N experts.")
-@click.option("--k", type=click.IntRange(min=1), default=2, show_default=True, metavar="K",
-              help="Experts per token (with --experts).")
+@click.option("--k", type=click.IntRange(min=1), metavar="K",
+              help="Experts per token (with --experts).  [default: 2, or N when N < 2]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout instead of tables.")
 @click.option("-v", "--verbose", is_flag=True, help="Also list rejected candidates and why.")
 @source_options
@@ -35,7 +35,7 @@ moeify inspect ./all-MiniLM-L6-v2 --experts 8 --k 2
 moeify inspect model.pt --trust-pickle -v
 moeify inspect weights.safetensors --arch mypkg.models:build --json
 """)
-def inspect(model: str, experts: int | None, k: int, as_json: bool, verbose: bool, arch: str | None,
+def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbose: bool, arch: str | None,
             trust_pickle: bool) -> None:
     """List the feed-forward blocks (FFNs) of MODEL that moeify can convert.
 
@@ -45,7 +45,7 @@ def inspect(model: str, experts: int | None, k: int, as_json: bool, verbose: boo
     """
     import moeify
 
-    check_k(k, experts)
+    k = check_k(k, experts)
     loaded, _ = load_source(model, arch, trust_pickle)
     net = loaded.model
     total_before = sum(p.numel() for p in net.parameters())

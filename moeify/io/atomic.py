@@ -36,6 +36,11 @@ def check_destination(out: Path, force: bool, inputs: Iterable[Path] = ()) -> No
         if src is not None and _overlaps(target, Path(src).resolve()):
             raise MoeifyError(f"refusing to write {out}: it would overwrite the input {src}; choose another "
                               "-o")
+    existing = next(p for p in [out.parent.absolute(), *out.parent.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise MoeifyError(f"cannot write to {out}: {existing} is not a directory; choose another -o")
+    if not os.access(existing, os.W_OK):
+        raise MoeifyError(f"cannot write to {out}: {existing} is not writable; choose another -o")
     if out.exists() or out.is_symlink():
         if not force:
             raise MoeifyError(f"{out} already exists; pass --force to replace it or choose another -o")

@@ -157,10 +157,7 @@ def rebuild_source(source: dict, trust_pickle: bool = False) -> nn.Module:
         if not file.exists():
             raise MoeifyError(f"the source {file} of this model is gone and the recipe needs it to rebuild "
                               "the structure; pass model= (a fresh dense model) or convert again with -o x.pt")
-        if not trust_pickle:
-            raise MoeifyError(f"rebuilding this model unpickles its source {file}, which runs code from it; "
-                              "pass --trust-pickle (trust_pickle=True) if you trust it")
-        return sources.load_model(str(file), trust_pickle=True).model
+        return sources.load_model(str(file), trust_pickle=trust_pickle).model  # refuses untrusted code
     raise MoeifyError("this model was saved without a known source (not a Hugging Face model, nor loaded by "
                       "moeify); pass model= a freshly built dense model of the same architecture")
 

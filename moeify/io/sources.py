@@ -1,8 +1,9 @@
 """Load a model from what a user types: a file, a directory or `module:callable`.
 
 Accepted (`load_model`):
-  (a) a full-module `.pt` written by `torch.save(model)`: unpickling runs code from the file, so it is
-      refused unless `trust_pickle=True`;
+  (a) a full-module `.pt` written by `torch.save(model)`: one made only of torch.nn classes loads safely
+      (weights_only with torch.nn allow-listed); one that needs other code (the user's model class) runs
+      that code when unpickled, so it is refused unless `trust_pickle=True`;
   (b) a Hugging Face model directory (config.json + weights), loaded offline with transformers, using the
       class named in `config.architectures` (else AutoModel);
   (c) a state_dict `.pt`/`.pth`/`.bin` (read with `torch.load(weights_only=True)`) or `.safetensors`,
@@ -21,6 +22,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import sys
 import weakref
 from dataclasses import dataclass
@@ -121,13 +123,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _torch_nn_classes() -> list[type]:
+    """torch.nn's own module classes: unpickling them runs only torch's code, never code from the file."""
+    import inspect
+
+    return [c for _, c in inspect.getmembers(nn, inspect.isclass) if issubclass(c, nn.Module)]
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
 def _torch_load_weights_only(path: Path):
-    """torch.load(weights_only=True); raises _NeedsPickle for a full pickled module."""
+    """torch.load(weights_only=True), also accepting modules built only from torch.nn classes.
+
+    Raises _NeedsPickle (with the global the file asks for) for a module that needs other code.
+    """
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        with torch.serialization.safe_globals(_torch_nn_classes()):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
-            raise _NeedsPickle(str(e)) from e
+        # A pickle asking for code (a class or function outside torch.nn) needs trust; anything else the
+        # weights-only unpickler trips on (an unknown opcode) is a damaged file.
+        found = _GLOBAL_RE.search(str(e))
+        if found:
+            raise _NeedsPickle(found.group(1)) from e
+        if "unrecognized function" in str(e):
+            raise _NeedsPickle("") from e
         raise _corrupt(path, e) from e
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise _corrupt(path, e) from e
@@ -139,7 +160,9 @@ def _is_zip(path: Path) -> bool:
 
 
 def _corrupt(path: Path, e: Exception) -> MoeifyError:
-    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "weights_only" not in line
+             and "Weights only" not in line and "documentation" not in line]
+    detail = lines[-1] if lines else type(e).__name__
     return MoeifyError(f"{path} is not a readable PyTorch file ({detail}); is it corrupt or truncated?")
 
 
@@ -248,6 +271,8 @@ def rebuild_hf(source: dict) -> nn.Module:
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = cls(config)
+    if hasattr(model, "tie_weights"):  # from_pretrained ties embeddings; a bare constructor may not
+        model.tie_weights()
     return model.eval()
 
 
@@ -283,13 +308,14 @@ def load_model(spec: str, arch: str | None = None, trust_pickle: bool = False) -
                           "Hugging Face directory, .pt/.pth/.bin, .safetensors or module:callable")
     try:
         obj = _torch_load_weights_only(path)
-    except _NeedsPickle:
+    except _NeedsPickle as e:
         if not trust_pickle:
-            raise MoeifyError(f"{spec} is a pickled module: loading it runs code stored in the file. Pass "
-                              "--trust-pickle if you trust where it came from (or save a state_dict and "
-                              "use --arch)") from None
+            needs = f" (it calls {e.args[0]})" if e.args and e.args[0] else ""
+            raise MoeifyError(f"{spec} is a pickled module that runs code when loaded{needs}; pass "
+                              "--trust-pickle if you trust where it came from, or save a state_dict and use "
+                              "--arch") from None
         return _load_pickle(path, spec)
-    if isinstance(obj, nn.Module):  # only reachable for modules allow-listed as safe globals
+    if isinstance(obj, nn.Module):  # a module made only of torch.nn classes: safe to load
         return LoadedModel(obj.eval(), _pickle_source(path), spec, path)
     sd = _as_state_dict(obj)
     if sd is None:

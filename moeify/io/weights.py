@@ -133,7 +133,13 @@ def read_into(model: nn.Module, directory: Path, aliases: dict[str, str] | None 
                 with torch.no_grad():
                     target.copy_(t)
                 seen.add(name)
-    missing = sorted(set(expected) - seen - set(aliases or {}))
+    aliases = {a: t for a, t in (aliases or {}).items() if a in expected and a not in seen}
+    missing = sorted(set(expected) - seen - set(aliases))
     if missing:
         raise MoeifyError(f"{len(missing)} tensor(s) of the model are not in {directory} (first: "
                           f"{missing[0]}); the weights are incomplete")
+    tensors = {**buffers, **params}
+    for alias, target in aliases.items():  # tied when saved; the rebuilt model may not tie them itself
+        if alias in tensors and target in tensors and tensors[alias] is not tensors[target]:
+            with torch.no_grad():
+                tensors[alias].copy_(tensors[target])
