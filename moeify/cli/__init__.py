@@ -18,12 +18,13 @@ class MoeifyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         from moeify.config import ConfigError
         from moeify.errors import MoeifyError
+        from moeify.upcycle import UpcycleError
 
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except ConfigError as e:  # an option value the MoE layer refuses: a usage error
+        except (ConfigError, UpcycleError) as e:  # option values the layer or the init refuse: usage
             if ctx.meta.get(DEBUG_KEY):
                 raise
             raise click.UsageError(str(e)) from None

@@ -30,7 +30,7 @@ def _router_names() -> list[str]:
 
 
 def _init_names() -> list[str]:
-    from moeify.upcycle.strategies import INITS
+    from moeify.upcycle import INITS
 
     return list(INITS)
 
