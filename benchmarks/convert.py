@@ -80,8 +80,9 @@ def child(mode: str, size: str, experts: int, out: str) -> dict:
 
 def run_child(mode: str, size: str, experts: int, workdir: Path) -> dict:
     out = workdir / mode
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, "--size", size, "--experts", str(experts),
-                           "--out", str(out)], capture_output=True, text=True)
+    command = [sys.executable, __file__, "--child", mode, "--size", size, "--experts", str(experts),
+               "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{mode} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -92,7 +93,8 @@ def gb(n: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model, for a smoke test")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -49,8 +49,8 @@ def run_model(model: nn.Module, inputs: dict[str, Tensor]):
             return model(inputs["__positional__"])
         return model(**inputs)
     except Exception as e:
-        raise MoeifyError(f"running {type(model).__name__} on example inputs failed: {type(e).__name__}: {e}")\
-            from e
+        name = type(model).__name__
+        raise MoeifyError(f"running {name} on example inputs failed: {type(e).__name__}: {e}") from e
 
 
 def flatten_outputs(out, prefix: str = "output") -> dict[str, Tensor]:

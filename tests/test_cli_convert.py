@@ -80,7 +80,8 @@ def test_convert_hf_directory_and_force(run, tmp_path):
     assert again.exit_code == 1 and "already exists; pass --force" in again.stderr
     forced = run("convert", "bert", "-e", "2", "-o", "bert-moe", "--force")
     assert forced.exit_code == 0, forced.output
-    assert json.loads((tmp_path / "bert-moe" / "moeify.json").read_text())["conversion"]["options"]["experts"] == 2
+    recipe = json.loads((tmp_path / "bert-moe" / "moeify.json").read_text())
+    assert recipe["conversion"]["options"]["experts"] == 2
     assert leftovers(tmp_path) == []
 
 
@@ -104,8 +105,8 @@ def test_python_dash_m(run, tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "moeify", "convert", "moeify.zoo:tiny_mlp", "--experts", "4"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "moeify", "convert", "moeify.zoo:tiny_mlp", "--experts", "4"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "converted 3 FFN(s)" in done.stdout
     checked = run("verify", "moeify.zoo:tiny_mlp", tmp_path / "tiny_mlp-moe4", "--atol", "1e-5", "--json")

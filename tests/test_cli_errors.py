@@ -1,4 +1,4 @@
-"""Bad input: one line saying what is wrong and what to do, exit 2 (usage) or 1, no traceback, no output left."""
+"""Bad input: a one-line message saying what is wrong and what to do; exit 2 or 1; nothing left."""
 
 import pytest
 import torch

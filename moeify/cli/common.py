@@ -10,7 +10,14 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 DEBUG_KEY = "moeify.debug"
 
@@ -49,10 +56,21 @@ def load_source(spec: str, arch: str | None, trust_pickle: bool, what: str = "mo
     """Load a model argument with a spinner on stderr."""
     from moeify.io import load_model
 
+    if Path(spec).is_dir():
+        quiet_transformers()
     start = time.perf_counter()
     with err_console().status(f"loading {what} {spec} ..."):
         loaded = load_model(spec, arch=arch, trust_pickle=trust_pickle)
     return loaded, time.perf_counter() - start
+
+
+def quiet_transformers() -> None:
+    """transformers' own loading bars would interleave with ours; the CLI shows a spinner instead."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.disable_progress_bar()
 
 
 def check_k(k: int | None, experts: int | None) -> int:
@@ -111,8 +129,8 @@ def byte_progress(description: str):
 
 @contextmanager
 def count_progress(description: str, total: int):
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[item]}"),
-               TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[item]}"), TimeElapsedColumn())
     with Progress(*columns, console=err_console(), transient=False) as progress:
         task = progress.add_task(description, total=total, item="")
 

@@ -84,9 +84,9 @@ moeify convert ./all-MiniLM-L6-v2 --experts 8 --k 2 -o minilm-moe8
 moeify convert moeify.zoo:tiny_llama -e 8 --format mixtral -o tiny-mixtral
 moeify convert weights.safetensors --arch mypkg.models:build -e 16 --every 2 -o out.pt
 """)
-def convert(model: str, experts: int, router: str, k: int | None, init: str, every: int, include: tuple[str, ...],
-            exclude: tuple[str, ...], capacity_factor: float | None, seed: int, output: Path | None, fmt: str,
-            force: bool, arch: str | None, trust_pickle: bool) -> None:
+def convert(model: str, experts: int, router: str, k: int | None, init: str, every: int,
+            include: tuple[str, ...], exclude: tuple[str, ...], capacity_factor: float | None, seed: int,
+            output: Path | None, fmt: str, force: bool, arch: str | None, trust_pickle: bool) -> None:
     """Convert the FFNs of MODEL into Mixture-of-Experts layers and write the result to OUT.
 
     With the defaults (copied experts, top-k routing) the converted model computes what the dense one

@@ -96,7 +96,10 @@ def _demo(experts: int, k: int, workdir: Path) -> None:
     _step(console, 6, steps, "export as a Hugging Face Mixtral checkpoint and load it with transformers")
     import transformers
 
+    from moeify.cli.common import quiet_transformers
     from moeify.io.hf_export import export_hf
+
+    quiet_transformers()
 
     hf_dir = workdir / f"tiny_llama-mixtral{experts}"
     export_hf(moe, hf_dir, "mixtral")
@@ -107,4 +110,5 @@ def _demo(experts: int, k: int, workdir: Path) -> None:
     console.print(f"{type(mixtral).__name__} from {hf_dir}: largest logit difference to moeify's model "
                   f"{diff:.2e}")
     console.print(f"\n[bold]done.[/bold] the same from the shell: moeify convert moeify.zoo:tiny_llama "
-                  f"--experts {experts} --k {k} && moeify verify moeify.zoo:tiny_llama tiny_llama-moe{experts}")
+                  f"--experts {experts} --k {k} && "
+                  f"moeify verify moeify.zoo:tiny_llama tiny_llama-moe{experts}")

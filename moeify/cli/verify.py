@@ -18,7 +18,7 @@ def load_table(stats: dict) -> Table:
         table.add_column(col, justify=justify)
     for name, s in stats.items():
         load = s.load
-        shares = " ".join(f"{100 * float(x):.0f}" for x in load) + " %" if len(load) <= 16 else "(many experts)"
+        shares = (" ".join(f"{100 * float(x):.0f}" for x in load) + " %") if len(load) <= 16 else "(many)"
         table.add_row(name, str(s.num_tokens), shares,
                       f"{100 * float(load.min()):.1f}% / {100 * float(load.max()):.1f}%",
                       f"{100 * s.dropped_fraction:.1f}%")
@@ -85,10 +85,12 @@ def verify(dense: str, converted: str, batch: int, seq_len: int, seed: int, atol
         for d in diffs:
             table.add_row(d.name, f"{d.max_abs:.3g}", f"{d.max_ref:.3g}")
         console.print(table)
-        console.print(f"largest difference: {worst.max_abs:.3g} ({worst.name}, relative {worst.relative:.2g})")
+        console.print(f"largest difference: {worst.max_abs:.3g} ({worst.name}, "
+                      f"relative {worst.relative:.2g})")
         if stats:
             console.print(load_table(stats))
         else:
-            console.print("no moeify MoE layer ran in CONVERTED (e.g. a Hugging Face export): no load to show")
+            console.print("no moeify MoE layer ran in CONVERTED (e.g. a Hugging Face export): no load to "
+                          "show")
     if not ok:
         raise MoeifyError(f"largest difference {worst.max_abs:.3g} exceeds --atol {atol:g}")

@@ -45,8 +45,8 @@ def check_destination(out: Path, force: bool, inputs: Iterable[Path] = ()) -> No
         if not force:
             raise MoeifyError(f"{out} already exists; pass --force to replace it or choose another -o")
         if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not _looks_like_output(out):
-            raise MoeifyError(f"{out} is a non-empty directory that moeify did not write; refusing to replace "
-                              "it even with --force: choose another -o")
+            raise MoeifyError(f"{out} is a non-empty directory that moeify did not write; refusing to "
+                              "replace it even with --force: choose another -o")
 
 
 def _looks_like_output(path: Path) -> bool:

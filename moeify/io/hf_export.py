@@ -112,9 +112,10 @@ def _check_layers(model: nn.Module, layers: dict, fmt: str) -> tuple[int, int, i
     if target.every_layer and sorted(layers) != list(range(n_layers)):
         missing = sorted(set(range(n_layers)) - set(layers))
         raise MoeifyError(f"--format {fmt} needs an MoE block in every layer, but layer(s) {missing} stay "
-                          "dense; convert all FFNs (--every 1, no --include/--exclude) or use --format moeify")
+                          "dense; convert all FFNs (--every 1, no --include/--exclude) or use --format "
+                          "moeify")
     shapes = set()
-    for idx, (path, layer) in sorted(layers.items()):
+    for _, (path, layer) in sorted(layers.items()):
         c = layer.config
         problems = []
         if c.router != "topk" or c.score_fn != "softmax":
@@ -141,8 +142,11 @@ def _check_layers(model: nn.Module, layers: dict, fmt: str) -> tuple[int, int, i
     return shapes.pop()
 
 
+HF_ACTIVATIONS = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
 def _activation_name(hidden_act: str) -> str:
-    return {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(hidden_act, hidden_act)
+    return HF_ACTIVATIONS.get(hidden_act, hidden_act)
 
 
 def hf_config(model: nn.Module, fmt: str):

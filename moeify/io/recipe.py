@@ -156,7 +156,8 @@ def rebuild_source(source: dict, trust_pickle: bool = False) -> nn.Module:
         file = Path(source["path"])
         if not file.exists():
             raise MoeifyError(f"the source {file} of this model is gone and the recipe needs it to rebuild "
-                              "the structure; pass model= (a fresh dense model) or convert again with -o x.pt")
+                              "the structure; pass model= (a fresh dense model) or convert again with "
+                              "-o x.pt")
         return sources.load_model(str(file), trust_pickle=trust_pickle).model  # refuses untrusted code
     raise MoeifyError("this model was saved without a known source (not a Hugging Face model, nor loaded by "
                       "moeify); pass model= a freshly built dense model of the same architecture")
@@ -186,8 +187,8 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_pickle: bool
         try:
             converted = moeify.convert(dense, **options, inplace=True)
         except TypeError as e:
-            raise MoeifyError(f"the recipe's conversion options do not fit this moeify ({e}); upgrade moeify")\
-                from e
+            raise MoeifyError(f"the recipe's conversion options do not fit this moeify ({e}); upgrade "
+                              "moeify") from e
         got = list(moeify.conversion_report(converted).converted)
         if got != list(conversion["converted"]):
             raise MoeifyError(f"rebuilding {path} converted {len(got)} module(s) where the recipe lists "

@@ -339,7 +339,7 @@ def _pickle_source(path: Path) -> dict:
 
 def _load_pickle(path: Path, spec: str) -> LoadedModel:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)  # reached only with trust_pickle
     except Exception as e:
         raise MoeifyError(f"could not unpickle {spec}: {type(e).__name__}: {e}") from e
     if not isinstance(obj, nn.Module):

@@ -73,7 +73,7 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, metadata:
     meta = {"format": "pt", **(metadata or {})}
     if progress:
         progress(0, total)
-    for file_name, shard in zip(names, shards):
+    for file_name, shard in zip(names, shards, strict=True):
         tensors = {n: state[n].detach().to("cpu").contiguous() for n in shard}
         save_file(tensors, str(directory / file_name), metadata=meta)
         done += sum(_nbytes(t) for t in tensors.values())
@@ -81,7 +81,7 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, metadata:
         if progress:
             progress(done, total)
     if len(shards) > 1:
-        weight_map = {n: file_name for file_name, shard in zip(names, shards) for n in shard}
+        weight_map = {n: file_name for file_name, shard in zip(names, shards, strict=True) for n in shard}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
         names.append(INDEX_FILE)
