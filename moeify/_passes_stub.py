@@ -7,7 +7,7 @@ Handles modules with fc1/act/fc2 (plain) or gate_proj/up_proj/down_proj (gated) 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,12 +20,42 @@ from moeify.upcycle import DenseFFNWeights, UpcycleConfig, upcycle_layer
 
 @dataclass(frozen=True)
 class FFNMatch:
-    path: str
+    name: str
     d_model: int
     d_ff: int
     activation: str
     gated: bool
     bias: bool
+
+    @property
+    def path(self):
+        return self.name
+
+    @property
+    def dense_params(self):
+        h1 = 2 * self.d_ff if self.gated else self.d_ff
+        return h1 * self.d_model + self.d_model * self.d_ff + ((h1 + self.d_model) if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FFNReport:
+    name: str
+    d_model: int
+    d_ff: int
+    expert_d_ff: int
+    activation: str
+    gated: bool
+    num_experts: int
+    k: int
+    params_before: int
+    params_after: int
+    active_params_per_token: int
 
 
 def _act_name(mod) -> str:
@@ -52,27 +82,37 @@ def _match(path: str, m: nn.Module) -> tuple[FFNMatch | None, str | None]:
 
 
 def find_ffns(model: nn.Module) -> list[FFNMatch]:
-    return explain_ffns(model)[0]
+    return _explain(model)[0]
 
 
 def explain_ffns(model: nn.Module):
+    return _explain(model)[1]
+
+
+def _explain(model: nn.Module):
     found, rejected = [], []
     for path, m in model.named_modules():
         match, reason = _match(path, m)
         if match is not None:
             found.append(match)
         elif reason is not None:
-            rejected.append((path, reason))
+            rejected.append(Rejection(path, reason))
     return found, rejected
 
 
 @dataclass
 class ConversionReport:
-    rows: list = field(default_factory=list)
+    ffns: tuple = ()
+    found: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    active_params_per_token: int = 0
     options: dict = field(default_factory=dict)
-    converted: list = field(default_factory=list)
-    total_params: int = 0
-    active_params: int = 0
+    converted: tuple = ()
+
+    @property
+    def summary(self):
+        return f"{len(self.ffns)}/{self.found} FFNs converted"
 
 
 def _dense(m, match: FFNMatch) -> DenseFFNWeights:
@@ -100,6 +140,7 @@ def convert(model, experts=8, router="topk", k=2, init="copy", every=1, include=
     if not matches:
         raise MoeifyError("no FFN found to convert; run `moeify inspect -v MODEL` to see the candidates")
     extra = dict(config or {})
+    before = sum(p.numel() for p in model.parameters())
     torch.manual_seed(seed)
     converted = []
     for match in matches:
@@ -112,19 +153,24 @@ def convert(model, experts=8, router="topk", k=2, init="copy", every=1, include=
         upcycle_layer(layer, _dense(old, match), UpcycleConfig(init=init, seed=seed))
         setattr(parent, name, layer)
         converted.append(match)
-    model._moeify_stub = (dict(experts=experts, router=router, k=k, init=init, every=every,
-                               include=include, exclude=exclude, config=extra or None, seed=seed),
-                          [asdict(m) for m in converted])
+    total = sum(p.numel() for p in model.parameters())
+    rows = []
+    inactive = 0
+    for m in converted:
+        layer = model.get_submodule(m.name)
+        after = sum(p.numel() for p in layer.parameters())
+        idle = (experts - k) * (layer.w1[0].numel() + layer.w2[0].numel() + (
+            layer.b1[0].numel() + layer.b2[0].numel() if layer.b1 is not None else 0))
+        inactive += idle
+        rows.append(FFNReport(m.name, m.d_model, m.d_ff, m.d_ff, m.activation, m.gated, experts, k,
+                              m.dense_params, after, after - idle))
+    names = tuple(m.name for m in converted)
+    model._moeify_stub = ConversionReport(
+        tuple(rows), len(find_ffns(model)) + len(names), before, total, total - inactive,
+        dict(experts=experts, router=router, k=k, every=1, include=list(names), exclude=None,
+             config=extra or None, seed=seed), names)
     return model
 
 
 def conversion_report(model) -> ConversionReport:
-    opts, conv = getattr(model, "_moeify_stub", ({}, []))
-    total = sum(p.numel() for p in model.parameters())
-    active = total
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            per = (m.w1[0].numel() + m.w2[0].numel())
-            active -= per * (m.num_experts - m.config.k)
-    return ConversionReport(rows=conv, options=opts, converted=[c["path"] for c in conv],
-                            total_params=total, active_params=active)
+    return model._moeify_stub

@@ -1,6 +1,8 @@
 """`moeify convert`: as typed, options, formats, outputs."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ def test_convert_callable_summary_and_reload(run, tmp_path):
     result = run("convert", "moeify.zoo:tiny_llama", "--experts", "4", "--k", "1", "--seed", "3")
     assert result.exit_code == 0, result.output
     out = tmp_path / "tiny_llama-moe4"
-    assert "model.layers.3.mlp" in result.stdout and "converted 4 FFN(s)" in result.stdout
+    assert "model.layers.3.mlp" in result.stdout and "4/4 FFNs converted" in result.stdout
     assert f"wrote {out.name}" in result.stdout
     assert "writing" in result.stderr  # the progress bar goes to stderr
     recipe = json.loads((out / "moeify.json").read_text())
@@ -106,9 +108,11 @@ def test_python_dash_m(run, tmp_path):
     import sys
 
     command = [sys.executable, "-m", "moeify", "convert", "moeify.zoo:tiny_mlp", "--experts", "4"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    root = str(Path(__file__).resolve().parents[1])  # this checkout, whatever is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    assert "converted 3 FFN(s)" in done.stdout
+    assert "3/3 FFNs converted" in done.stdout
     checked = run("verify", "moeify.zoo:tiny_mlp", tmp_path / "tiny_mlp-moe4", "--atol", "1e-5", "--json")
     assert checked.exit_code == 0, checked.output
     report = json.loads(checked.stdout)

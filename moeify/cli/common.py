@@ -23,8 +23,12 @@ DEBUG_KEY = "moeify.debug"
 
 
 def out_console() -> Console:
-    """Results go to stdout (created per call so click's test runner captures it)."""
-    return Console(highlight=False, soft_wrap=False)
+    """Results go to stdout (created per call so click's test runner captures it).
+
+    Piped output gets 140 columns rather than rich's 80, so tables of module paths stay whole in logs.
+    """
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=140)
 
 
 def err_console() -> Console:

@@ -120,9 +120,6 @@ def convert(model: str, experts: int, router: str, k: int | None, init: str, eve
         check_exportable_source(net, fmt)
     before = sum(p.numel() for p in net.parameters())
     console.print(f"loaded {model}: {type(net).__name__}, {before:,} parameters ({load_s:.1f}s)")
-    if not moeify.find_ffns(net):
-        raise MoeifyError(f"no FFN found in {model}; run `moeify inspect -v {model}` to see the candidates "
-                          "and why they were rejected")
 
     options = dict(experts=experts, router=router, k=k, init=init, every=every,
                    include=list(include) or None, exclude=list(exclude) or None, seed=seed)
@@ -135,7 +132,7 @@ def convert(model: str, experts: int, router: str, k: int | None, init: str, eve
     convert_s = time.perf_counter() - start
     report = moeify.conversion_report(net)
     console.print(conversion_table(report))
-    console.print(totals_line(before, report))
+    console.print(totals_line(report))
     console.print(f"converted {len(report.converted)} FFN(s) in {convert_s:.1f}s")
 
     start = time.perf_counter()

@@ -56,7 +56,7 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
         converted = moeify.convert(net, experts=experts, k=k, init="none", inplace=True)
         report = moeify.conversion_report(converted)
         after = {"experts": experts, "k": k, "converted": len(report.converted),
-                 "total_parameters": int(report.total_params), "active_parameters": int(report.active_params)}
+                 "total_parameters": report.params_after, "active_parameters": report.active_params_per_token}
 
     if as_json:
         data = {"model": model, "parameters": total_before, "ffns": found}
@@ -74,7 +74,7 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
         table.add_column(col, justify=justify)
     for row in found:
         act = row["activation"] + (" (gated)" if row["gated"] else "")
-        table.add_row(row["path"], f"{row['d_model']} -> {row['d_ff']}", act, human_count(row["parameters"]))
+        table.add_row(row["path"] or "<model>", f"{row['d_model']} -> {row['d_ff']}", act, human_count(row["parameters"]))
     if found:
         console.print(table)
     ffn_params = sum(r["parameters"] for r in found)
@@ -87,7 +87,7 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
         rej.add_column("module")
         rej.add_column("reason")
         for row in rejected:
-            rej.add_row(row["path"], row["reason"])
+            rej.add_row(row["path"] or "<model>", row["reason"])
         console.print(rej if rejected else "no rejected candidates")
     if after is not None:
         console.print(

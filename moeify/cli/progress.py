@@ -10,9 +10,8 @@ from moeify.cli.common import count_progress
 def convert_with_progress(model: nn.Module, options: dict) -> nn.Module:
     import moeify
 
-    total = len(moeify.find_ffns(model))
-    with count_progress("converting", total) as advance:
+    with count_progress("converting", None) as advance:
         model = moeify.convert(model, **options, inplace=True)
-        for path in moeify.conversion_report(model).converted:
-            advance(path)
+        for name in moeify.conversion_report(model).converted:
+            advance(name)
     return model
