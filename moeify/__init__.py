@@ -4,8 +4,21 @@ from moeify._passes_stub import conversion_report, convert, explain_ffns, find_f
 from moeify.config import ConfigError, MoEConfig
 from moeify.io import load, save
 from moeify.layer import MoELayer, aux_loss
+from moeify.sharing import share_router
 from moeify.stats import RoutingStats, routing_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "MoEConfig", "MoELayer", "RoutingStats", "aux_loss", "load", "routing_stats", "save"]
+__all__ = [
+    "ConfigError", "MoEConfig", "MoELayer", "RoutingStats", "aux_loss", "load", "parallelize", "routing_stats",
+    "save", "share_router",
+]
+
+
+def __getattr__(name):
+    # Lazy: moeify.parallel imports torch.distributed's DTensor/checkpoint stack (~1 s); only pay on use.
+    if name == "parallelize":
+        from moeify.parallel import parallelize
+
+        return parallelize
+    raise AttributeError(f"module 'moeify' has no attribute {name!r}")
