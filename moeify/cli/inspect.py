@@ -40,8 +40,8 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
     """List the feed-forward blocks (FFNs) of MODEL that moeify can convert.
 
     One row per FFN: module path, widths (d_model -> d_ff), activation and parameters. With --experts,
-    the model is converted in memory (nothing is written) to report the parameters after conversion and
-    those active per token.
+    the model is converted on PyTorch's meta device (shapes only: no memory, nothing written) to report
+    the parameters after conversion and those active per token.
     """
     import moeify
 
@@ -53,8 +53,7 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
     rejected = rejected_rows(net) if verbose else []
     after = None
     if experts is not None and found:
-        converted = moeify.convert(net, experts=experts, k=k, init="none", inplace=True)
-        report = moeify.conversion_report(converted)
+        report = moeify.conversion_report(_convert_on_meta(net, experts, k))
         after = {"experts": experts, "k": k, "converted": len(report.converted),
                  "total_parameters": report.params_after, "active_parameters": report.active_params_per_token}
 
@@ -94,3 +93,16 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
             f"after --experts {experts} --k {k}: {human_count(after['total_parameters'])} parameters "
             f"({after['total_parameters'] / max(total_before, 1):.2f}x), "
             f"{human_count(after['active_parameters'])} active per token")
+
+
+def _convert_on_meta(net, experts: int, k: int):
+    """Convert for the parameter counts only: on the meta device the experts take no memory (64 experts
+    of a large model would not fit otherwise)."""
+    import torch
+
+    import moeify
+
+    net = net.to("meta")
+    with torch.device("meta"):
+        return moeify.convert(net, experts=experts, k=k, init="none", inplace=True)
+
