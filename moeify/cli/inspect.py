@@ -73,7 +73,8 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
         table.add_column(col, justify=justify)
     for row in found:
         act = row["activation"] + (" (gated)" if row["gated"] else "")
-        table.add_row(row["path"] or "<model>", f"{row['d_model']} -> {row['d_ff']}", act, human_count(row["parameters"]))
+        table.add_row(row["path"] or "<model>", f"{row['d_model']} -> {row['d_ff']}", act,
+                      human_count(row["parameters"]))
     if found:
         console.print(table)
     ffn_params = sum(r["parameters"] for r in found)
