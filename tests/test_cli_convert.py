@@ -94,6 +94,9 @@ def test_convert_format_mixtral(run, tmp_path):
     assert result.exit_code == 0, result.output
     hf = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / "mix"), local_files_only=True)
     assert hf.config.num_local_experts == 4
+    checked = run("verify", "moeify.zoo:tiny_llama", "mix", "--atol", "1e-4")  # loaded as Mixtral
+    assert checked.exit_code == 0, checked.output
+    assert "no moeify MoE layer ran" in checked.stdout
 
 
 def test_convert_format_mixtral_refuses_bert(run):
