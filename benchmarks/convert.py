@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, also when not installed
+
 CONFIGS = {
     # 18 layers x (attention 4.2M + SwiGLU FFN 8.7M) + embeddings and head 2 x 32.8M = 297M parameters
     "full": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=18,
