@@ -1,6 +1,7 @@
 """Model files: loading every kind of input, save/load round trips, atomic outputs, HF MoE export."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -290,7 +291,10 @@ def test_mixtral_export_refuses_partial_conversion(tmp_path):
     from moeify.zoo import tiny_llama
 
     model = moeify.convert(tiny_llama(), experts=4, k=2, every=2, inplace=True)
-    with pytest.raises(MoeifyError, match=r"needs an MoE block in every layer, but layer\(s\) \[1, 3\]"):
+    converted = moeify.conversion_report(model).converted
+    dense_layers = [i for i in range(4) if f"model.layers.{i}.mlp" not in converted]
+    message = f"needs an MoE block in every layer, but layer(s) {dense_layers} stay dense"
+    with pytest.raises(MoeifyError, match=re.escape(message)):
         export_hf(model, tmp_path / "mixtral", "mixtral")
     assert not (tmp_path / "mixtral").exists()
 
@@ -326,5 +330,7 @@ def test_qwen_moe_export_same_logits(tmp_path, family, fmt, cls_name, every):
     model = _perturb(moeify.convert(dense.eval(), experts=4, k=2, every=every, inplace=True))
     export_hf(model, tmp_path / fmt, fmt)
     config = json.loads((tmp_path / fmt / "config.json").read_text())
-    assert config["mlp_only_layers"] == ([] if every == 1 else [1])
+    converted = moeify.conversion_report(model).converted
+    assert config["mlp_only_layers"] == [i for i in range(3) if f"model.layers.{i}.mlp" not in converted]
+    assert bool(config["mlp_only_layers"]) == (every > 1)
     _hf_logits_match(model, tmp_path / fmt, cls_name)
