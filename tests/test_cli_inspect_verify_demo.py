@@ -22,7 +22,7 @@ def test_inspect_json_verbose(run):
     assert [f["path"] for f in data["ffns"]] == [f"model.layers.{i}.mlp" for i in range(4)]
     ffn = data["ffns"][0]
     assert (ffn["d_model"], ffn["d_ff"], ffn["gated"], ffn["parameters"]) == (64, 176, True, 3 * 64 * 176)
-    assert any("q_proj" in r["path"] for r in data["rejected"]) and all(r["reason"] for r in data["rejected"])
+    assert data["rejected"] == []
     after = data["after_conversion"]
     expert = 3 * 64 * 176
     assert after["total_parameters"] == data["parameters"] + 4 * (3 * expert + 4 * 64)
@@ -30,9 +30,12 @@ def test_inspect_json_verbose(run):
 
 
 def test_inspect_no_ffn_hint(run):
-    result = run("inspect", "tests.cli_models:no_ffn")
+    result = run("inspect", "tests.cli_models:tanh_mlp")
     assert result.exit_code == 0
     assert "no FFN found; run with -v" in result.stdout
+    verbose = run("inspect", "tests.cli_models:tanh_mlp", "-v", "--json")
+    rejected = json.loads(verbose.stdout)["rejected"]
+    assert len(rejected) == 1 and "Tanh is not supported" in rejected[0]["reason"]
 
 
 def test_verify_reports_difference_and_load(run):
