@@ -124,7 +124,7 @@ def _dense(m, match: FFNMatch) -> DenseFFNWeights:
 
 
 def convert(model, experts=8, router="topk", k=2, init="copy", every=1, include=None, exclude=None,
-            filter_fn=None, config=None, calibration=None, seed=0, inplace=False):
+            filter_fn=None, config=None, calibration=None, seed=0, inplace=False, progress=None):
     import copy
 
     if not inplace:
@@ -153,6 +153,8 @@ def convert(model, experts=8, router="topk", k=2, init="copy", every=1, include=
         upcycle_layer(layer, _dense(old, match), UpcycleConfig(init=init, seed=seed))
         setattr(parent, name, layer)
         converted.append(match)
+        if progress is not None:
+            progress(match.name, len(converted), len(matches))
     total = sum(p.numel() for p in model.parameters())
     rows = []
     inactive = 0

@@ -132,14 +132,15 @@ def byte_progress(description: str):
 
 
 @contextmanager
-def count_progress(description: str, total: int):
+def count_progress(description: str, total: int | None):
+    """A progress bar over items (layers); yields advance(item, total=None)."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[item]}"), TimeElapsedColumn())
     with Progress(*columns, console=err_console(), transient=False) as progress:
         task = progress.add_task(description, total=total, item="")
 
-        def advance(item: str = "") -> None:
-            progress.update(task, advance=1, item=item)
+        def advance(item: str = "", total: int | None = None) -> None:
+            progress.update(task, advance=1, item=item, **({"total": total} if total is not None else {}))
 
         yield advance
 

@@ -8,10 +8,9 @@ from moeify.cli.common import count_progress
 
 
 def convert_with_progress(model: nn.Module, options: dict) -> nn.Module:
+    """`moeify.convert(model, **options, inplace=True)`, advancing a bar as each layer is built."""
     import moeify
 
     with count_progress("converting", None) as advance:
-        model = moeify.convert(model, **options, inplace=True)
-        for name in moeify.conversion_report(model).converted:
-            advance(name)
-    return model
+        return moeify.convert(model, **options, inplace=True,
+                              progress=lambda name, done, total: advance(name or "<model>", total))
