@@ -1,17 +1,20 @@
 """moeify: turn dense PyTorch models into Mixture-of-Experts models."""
 
-from moeify._passes_stub import conversion_report, convert, explain_ffns, find_ffns  # TEMP stub
 from moeify.config import ConfigError, MoEConfig
+from moeify.convert import convert, explain_ffns, find_ffns
 from moeify.io import load, save
 from moeify.layer import MoELayer, aux_loss
+from moeify.report import ConversionReport, conversion_report
 from moeify.sharing import share_router
 from moeify.stats import RoutingStats, routing_stats
+from passes.match import FFNMatch, Rejection
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "MoEConfig", "MoELayer", "RoutingStats", "aux_loss", "load", "parallelize", "routing_stats",
-    "save", "share_router",
+    "ConfigError", "ConversionReport", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
+    "aux_loss", "conversion_report", "convert", "explain_ffns", "find_ffns", "load", "parallelize",
+    "routing_stats", "save", "share_router",
 ]
 
 
