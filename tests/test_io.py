@@ -1,6 +1,7 @@
 """Model files: loading every kind of input, save/load round trips, atomic outputs, HF MoE export."""
 
 import json
+import os
 import re
 
 import pytest
@@ -185,6 +186,9 @@ def test_sharded_weights(tmp_path):
     index = json.loads((out / INDEX_FILE).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and all((out / f).exists() for f in files)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((out / f).stat().st_mode & 0o777 == 0o666 & ~umask for f in files)  # not safetensors' 0600
     _same(model, moeify.load(out))
 
 

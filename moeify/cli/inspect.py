@@ -67,7 +67,8 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
         return
 
     console = out_console()
-    table = Table(title=f"FFNs in {model}", title_justify="left")
+    console.print(f"{model}: {type(net).__name__}, {total_before:,} parameters")
+    table = Table(title="FFNs found", title_justify="left")
     for col, justify in (("module", "left"), ("d_model -> d_ff", "right"), ("activation", "left"),
                          ("parameters", "right")):
         table.add_column(col, justify=justify)
@@ -80,7 +81,10 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
     ffn_params = sum(r["parameters"] for r in found)
     console.print(f"{len(found)} FFN(s), {human_count(ffn_params)} of {human_count(total_before)} parameters "
                   f"({100 * ffn_params / max(total_before, 1):.0f}%) in FFNs")
-    if not found:
+    moe_layers = sum(isinstance(m, moeify.MoELayer) for m in net.modules())
+    if moe_layers:
+        console.print(f"{moe_layers} MoE layer(s): this model is already converted")
+    elif not found:
         console.print("no FFN found" + ("" if verbose else "; run with -v to see the rejected candidates"))
     if verbose:
         rej = Table(title="rejected candidates", title_justify="left")

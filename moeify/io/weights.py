@@ -12,6 +12,7 @@ each shard into bytes before writing, so the extra memory is at most one shard (
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, metadata:
     for file_name, shard in zip(names, shards, strict=True):
         tensors = {n: state[n].detach().to("cpu").contiguous() for n in shard}
         save_file(tensors, str(directory / file_name), metadata=meta)
+        os.chmod(directory / file_name, 0o666 & ~_umask())  # safetensors creates 0600 files
         done += sum(_nbytes(t) for t in tensors.values())
         del tensors
         if progress:
@@ -86,6 +88,12 @@ def write_safetensors(state: dict[str, torch.Tensor], directory: Path, metadata:
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
         names.append(INDEX_FILE)
     return names
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def weight_files(directory: Path) -> list[Path]:
