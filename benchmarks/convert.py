@@ -55,9 +55,13 @@ def peak_rss_bytes() -> int:
 
 
 def child(mode: str, size: str, experts: int, out: str) -> dict:
+    import transformers
+
     import moeify
     from moeify.cli.progress import convert_with_progress
 
+    _ = transformers.LlamaForCausalLM  # resolve the lazy import before measuring the runtime's memory
+    rss_runtime = peak_rss_bytes()
     model = build(size)
     dense_params = sum(p.numel() for p in model.parameters())
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -77,6 +81,7 @@ def child(mode: str, size: str, experts: int, out: str) -> dict:
     result["output_bytes"] = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["rss_after_build_bytes"] = rss_before
+    result["rss_runtime_bytes"] = rss_runtime
     return result
 
 
@@ -124,9 +129,9 @@ def main() -> None:
     bound = dense["dense_bytes"] + moe["output_bytes"]
     print(f"ratio convert+write / save dense: {ratio:.1f}x (the output is "
           f"{moe['output_bytes'] / max(dense['output_bytes'], 1):.1f}x larger)")
-    print(f"peak RSS {gb(moe['peak_rss_bytes'])} vs dense weights + output {gb(bound)} "
-          f"(process after building the dense model: {gb(moe['rss_after_build_bytes'])})")
-
+    print(f"peak RSS {gb(moe['peak_rss_bytes'])} = runtime (python, torch, transformers) "
+          f"{gb(moe['rss_runtime_bytes'])} + {gb(moe['peak_rss_bytes'] - moe['rss_runtime_bytes'])} for the "
+          f"model; bound dense weights + output = {gb(bound)}")
 
 if __name__ == "__main__":
     main()
