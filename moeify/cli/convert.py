@@ -96,6 +96,7 @@ def convert(model: str, experts: int, router: str, k: int | None, init: str, eve
     from moeify.cli.summary import conversion_table, totals_line
     from moeify.errors import MoeifyError
     from moeify.io.atomic import check_destination
+    from moeify.report import count_params
 
     k = check_k(k, experts)
     out = output if output is not None else default_output(model, experts)
@@ -118,7 +119,7 @@ def convert(model: str, experts: int, router: str, k: int | None, init: str, eve
         from moeify.io.hf_export import check_exportable_source
 
         check_exportable_source(net, fmt)
-    before = sum(p.numel() for p in net.parameters())
+    before = count_params(net)
     console.print(f"loaded {model}: {type(net).__name__}, {before:,} parameters ({load_s:.1f}s)")
 
     options = dict(experts=experts, router=router, k=k, init=init, every=every,

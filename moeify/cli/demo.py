@@ -47,6 +47,7 @@ def _demo(experts: int, k: int, workdir: Path) -> None:
     from moeify.cli.summary import conversion_table, ffn_rows, totals_line
     from moeify.cli.verify import load_table
     from moeify.compare import compare_outputs, example_inputs, run_model
+    from moeify.report import count_params
     from moeify.zoo import tiny_llama
 
     console = out_console()
@@ -54,7 +55,7 @@ def _demo(experts: int, k: int, workdir: Path) -> None:
     _step(console, 1, steps, "build the dense model: moeify.zoo:tiny_llama (LLaMA, seed 0)")
     t = time.perf_counter()
     dense = tiny_llama()
-    before = sum(p.numel() for p in dense.parameters())
+    before = count_params(dense)
     console.print(f"{type(dense).__name__}: {before:,} parameters, built in {time.perf_counter() - t:.2f}s")
 
     _step(console, 2, steps, "find its FFNs (moeify inspect)")

@@ -44,11 +44,12 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
     the parameters after conversion and those active per token.
     """
     import moeify
+    from moeify.report import count_params
 
     k = check_k(k, experts)
     loaded, _ = load_source(model, arch, trust_pickle)
     net = loaded.model
-    total_before = sum(p.numel() for p in net.parameters())
+    total_before = count_params(net)
     found = ffn_rows(net)
     rejected = rejected_rows(net) if verbose else []
     after = None

@@ -27,6 +27,7 @@ from moeify.errors import MoeifyError
 from moeify.io import sources
 from moeify.io.atomic import atomic_output
 from moeify.io.weights import DEFAULT_SHARD_BYTES, dedupe, read_into, write_safetensors
+from moeify.report import count_params
 
 RECIPE_NAME = sources.RECIPE_NAME
 RECIPE_FORMAT = "moeify.recipe"
@@ -80,7 +81,7 @@ def build_recipe(model: nn.Module, source: dict, conversion: dict | None, aliase
         "conversion": conversion,
         "weights": {"files": files, "tied": aliases,
                     "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})},
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": count_params(model),
     }
 
 
