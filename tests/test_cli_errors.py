@@ -78,6 +78,8 @@ def test_state_dict_needs_arch(run, tmp_path):
     (["--experts", "x"], "'x' is not a valid integer"),
     ([], "Missing option '--experts'"),
     (["--experts", "2", "--format", "pt", "-o", "dir"], "--format pt writes one file"),
+    (["--experts", "2", "-o", "x.safetensors"], "moeify writes a directory"),
+    (["--experts", "2", "--arch", "not a spec"], "is not of the form module:callable"),
 ])
 def test_usage_errors_exit_2(run, tmp_path, args, fragment):
     assert_one_line_error(run("convert", "moeify.zoo:tiny_mlp", *args), 2, fragment)

@@ -46,12 +46,20 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eage
                             help="Show the full traceback of an error.")
 
 
+def _check_arch(_ctx, _param, value: str | None) -> str | None:
+    from moeify.io.sources import is_callable_spec
+
+    if value is not None and not is_callable_spec(value):
+        raise click.BadParameter(f"{value!r} is not of the form module:callable (e.g. mypkg.models:build)")
+    return value
+
+
 def source_options(fn):
     """--arch and --trust-pickle: how to read a model argument."""
     fn = click.option("--trust-pickle", is_flag=True,
                       help="Allow loading a full pickled module (.pt from torch.save(model)); this runs code "
                            "stored in the file.")(fn)
-    fn = click.option("--arch", metavar="MODULE:CALLABLE",
+    fn = click.option("--arch", metavar="MODULE:CALLABLE", callback=_check_arch,
                       help="Builds the model for a weights-only file (state_dict .pt or .safetensors).")(fn)
     return fn
 

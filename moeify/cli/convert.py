@@ -105,6 +105,9 @@ def convert(model: str, experts: int, router: str, k: int | None, init: str, eve
     if fmt == "pt" and out.suffix not in (".pt", ".pth"):
         raise click.BadParameter(f"--format pt writes one file; name it with .pt (got {out})",
                                  param_hint="'-o'")
+    if out.suffix == ".safetensors":
+        raise click.BadParameter(f"{out}: moeify writes a directory (safetensors weights + moeify.json); "
+                                 "name a directory, or end the name in .pt for one file", param_hint="'-o'")
     if fmt != "pt" and out.suffix in (".pt", ".pth"):
         raise click.BadParameter(f"--format {fmt} writes a directory; {out} ends in .pt", param_hint="'-o'")
     inputs = [Path(model)] if Path(model).exists() else []
@@ -115,7 +118,7 @@ def convert(model: str, experts: int, router: str, k: int | None, init: str, eve
     net = loaded.model
     if any(isinstance(m, moeify.MoELayer) for m in net.modules()):
         raise MoeifyError(f"{model} already has MoE layers; convert the dense model it came from")
-    if fmt in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if fmt not in ("moeify", "pt"):  # a Hugging Face MoE format: refuse a misfit before converting
         from moeify.io.hf_export import check_exportable_source
 
         check_exportable_source(net, fmt)

@@ -71,13 +71,14 @@ def call_spec(spec: str) -> nn.Module:
     if not is_callable_spec(spec):
         raise MoeifyError(f"{spec!r} is not of the form module:callable (e.g. mypkg.models:build)")
     module_name, _, attr = spec.partition(":")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own modules in the cwd
+    sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own modules in the cwd
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise MoeifyError(f"cannot import module {module_name!r} ({e}); check the name and that it is on "
                           "PYTHONPATH") from e
+    finally:
+        sys.path.remove(os.getcwd())
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
