@@ -59,14 +59,24 @@ def _gemm_bias(a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor) -> Tensor
     return torch.addmm(bias, a, b, out=out)
 
 
-def _activate(h: Tensor, activation: str, gated: bool, out: Tensor | None = None) -> Tensor:
-    """h [M, H1] -> a [M, H] (into `out` if given); `apply_expert_activation`'s convention ([gate | up])."""
-    act = activation_fn(activation)
+def _act_into(h: Tensor, activation: str, out: Tensor) -> Tensor:
+    """out = act(h) elementwise, with no temporary for the activations torch has an out= kernel for."""
+    if activation in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        return torch.ops.aten.gelu.out(h, approximate=approximate, out=out)
+    if activation == "silu":
+        return torch.ops.aten.silu.out(h, out=out)
+    if activation == "relu":
+        return torch.clamp_min(h, 0, out=out)
+    return out.copy_(activation_fn(activation)(h))
+
+
+def _activate(h: Tensor, activation: str, gated: bool, out: Tensor) -> Tensor:
+    """h [n, H1] -> out [n, H] = act(h), or act(gate) * up when gated (h = [gate | up])."""
     if not gated:
-        a = act(h)  # [M, H]
-        return a if out is None else out.copy_(a)
-    gate, up = h.chunk(2, dim=-1)  # [M, H] each
-    return act(gate) * up if out is None else torch.mul(act(gate), up, out=out)  # (identity aliases gate)
+        return _act_into(h, activation, out)
+    gate, up = h.chunk(2, dim=-1)  # [n, H] each
+    return _act_into(gate, activation, out).mul_(up)
 
 
 def _act_backward(grad: Tensor, h: Tensor, activation: str, out: Tensor) -> Tensor:
@@ -195,7 +205,7 @@ def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor
             gh = gh_ws[:n]  # [n, H1]: grad wrt h
             if gated:
                 gate, up = h_e.chunk(2, dim=-1)  # [n, H] each
-                torch.mul(ga, activation_fn(activation)(gate), out=gh[:, H:])  # grad wrt up
+                _act_into(gate, activation, out=gh[:, H:]).mul_(ga)  # grad wrt up = act(gate) * ga
                 _act_backward(ga.mul_(up), gate, activation, out=gh[:, :H])  # grad wrt gate
             else:
                 _act_backward(ga, h_e, activation, out=gh)
