@@ -167,15 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     table = Table(title=f"MoE layer on CPU: d={d_model}, d_ff={d_ff}, {args.activation}"
                         f"{' gated' if args.gated else ''}, {args.threads} threads, median of {repeats} "
                         "interleaved repeats (ms)")
-    for col in ("T", "E", "k", "pass", "dense", "moeify", "loop", "moeify/dense", "loop/dense", "loop/moeify"):
+    columns = ("T", "E", "k", "pass", "dense", "moeify", "loop", "moeify/dense", "loop/dense", "loop/moeify")
+    for col in columns:
         table.add_column(col, justify="right")
     for T, E in cases:
         for k in (1, 2):
             result = run_case(T, E, k, d_model, d_ff, args.activation, args.gated, repeats)
             for name, t in result.items():
-                table.add_row(str(T), str(E), str(k), name, f"{t['dense'] * 1e3:.1f}", f"{t['moeify'] * 1e3:.1f}",
-                              f"{t['loop'] * 1e3:.1f}", f"{t['moeify'] / t['dense']:.2f}",
-                              f"{t['loop'] / t['dense']:.2f}", f"{t['loop'] / t['moeify']:.2f}")
+                table.add_row(str(T), str(E), str(k), name,
+                              *(f"{t[c] * 1e3:.1f}" for c in ("dense", "moeify", "loop")),
+                              f"{t['moeify'] / t['dense']:.2f}", f"{t['loop'] / t['dense']:.2f}",
+                              f"{t['loop'] / t['moeify']:.2f}")
     Console(width=140).print(table)
 
 

@@ -133,15 +133,16 @@ def test_gradcheck(activation, gated, bias):
 
 
 def test_opcheck():
-    """Schema, fake kernels, autograd registration and AOT dispatch of the three ops (the full check once
-    per op; the cheap checks on the variants: without bias, without dropped rows, partial grads, no h)."""
-    cheap = ("test_schema", "test_faketensor")
+    """Schema, fake kernels, autograd registration and AOT dispatch of the ops. The full check runs once on
+    the public op and the backward op; the training op and the variants (no bias, no dropped rows, partial
+    grads, nothing saved) get the cheap checks (the compile test runs the training op through AOT)."""
+    cheap = ("test_schema", "test_faketensor", "test_autograd_registration")
     for full, (dropped, bias) in ((True, (True, True)), (False, (False, False))):
         tests = "ALL" if full else cheap
         inp = make_inputs(True, bias, WITH_DROPPED if dropped else UNEVEN, dtype=torch.float32)
         args = tuple(inp.values()) + ("silu", True)
         torch.library.opcheck(grouped_ffn_op, args, test_utils=tests)
-        torch.library.opcheck(grouped_ffn_train_op, args, test_utils=tests)
+        torch.library.opcheck(grouped_ffn_train_op, args, test_utils=cheap)
         with torch.no_grad():
             saved = grouped_ffn_train_op(*args)[1:]  # h, a, y
         plain = tuple(t.detach() if t is not None else None for t in args[:8])  # no double backward
@@ -217,7 +218,8 @@ def test_soft_fast_matches_reference(activation, gated, bias):
     dispatch = torch.softmax(torch.randn(T, E * S, generator=g, dtype=torch.float64), 0).requires_grad_(True)
     combine = torch.softmax(torch.randn(T, E * S, generator=g, dtype=torch.float64), 1).requires_grad_(True)
     args = (inp["x"], dispatch, combine, inp["w1"], inp["b1"], inp["w2"], inp["b2"], activation, gated)
-    wrt = [t for t in (inp["x"], dispatch, combine, inp["w1"], inp["b1"], inp["w2"], inp["b2"]) if t is not None]
+    wrt = [t for t in (inp["x"], dispatch, combine, inp["w1"], inp["b1"], inp["w2"], inp["b2"])
+           if t is not None]
     grad_out = torch.randn(T, D, dtype=torch.float64)
     out = soft_experts(*args)
     ref = reference_soft_experts(*args)

@@ -17,11 +17,13 @@ Ops (all `torch.library` custom ops with fake kernels, so `torch.compile` and `t
       The hand-written backward both ops share; grads the output mask leaves out come back empty.
 
 The kernel: a stable sort of assignments by expert (dropped assignments, index E, sort last and are never
-touched), counts by bincount, one gather of token rows, one GEMM per non-empty expert group written
-straight into a slice of a preallocated buffer (`out=`), the activation once over all rows, a second
-GEMM per group, the combine weight as one row scale, one `index_add_` back. `torch._grouped_mm` works on
-CPU in this torch (for 16-byte-aligned strides) but measured no faster than the per-group `mm` loop at
-E=64 and 2.5x slower at E=128, so the loop it is.
+touched), counts by bincount, one gather of token rows, then per non-empty expert group: GEMM, activation,
+GEMM, each written straight into a slice of a preallocated buffer (`out=`) while the group's rows are
+still in cache; then the combine weight as one row scale and one `index_add_` back. The backward is the
+same shape (four GEMMs per group, writing slices of the stacked weight gradients). Activations and their
+derivatives use torch's fused out= kernels where torch has them (gelu, gelu_tanh, silu, relu).
+`torch._grouped_mm` works on CPU in this torch (for 16-byte-aligned strides) but measured no faster than
+the per-group `mm` loop at E=64 and 2.5x slower at E=128, so the loop it is.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from moeify.activations import activation_fn, activation_grad
 
 Tensor = torch.Tensor
+
 
 def _plan(expert_idx: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
     """Stable order of the kept assignments by expert, and each expert's group size.
@@ -183,7 +186,7 @@ def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor
     gxs = x.new_empty(M, D) if want_x else None  # [M, D]
     n_max = max(sizes)
     # Workspaces reused by every group, so a group's intermediates stay in cache between its GEMMs.
-    ga_ws = x.new_empty(n_max, H) if (want_gh or gw_rows is not None and y is None) else None
+    ga_ws = x.new_empty(n_max, H) if (want_gh or (gw_rows is not None and y is None)) else None
     gh_ws = x.new_empty(n_max, H1) if want_gh else None
     if saved is None:
         h_ws, a_ws = x.new_empty(n_max, H1), x.new_empty(n_max, H)
