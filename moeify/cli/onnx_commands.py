@@ -88,12 +88,12 @@ def example_from_specs(specs: tuple[str, ...], vocab: int | None):
     return tuple(values)
 
 
-def load_model_ref(spec: str):
+def load_model_ref(spec: str, arch: str | None = None, trust_pickle: bool = False):
     """A model argument -> (nn.Module, example inputs or None).
 
     `module:callable` calls the callable; it may return a module or (module, example_inputs). Anything else
-    goes to moeify's model loader (`moeify.io.load_model`: Hugging Face folders, .pt/.safetensors files,
-    folders written by moeify) when that is installed.
+    goes to moeify's model loader (`moeify.io.load_model`: Hugging Face folders, .pt/.safetensors files
+    with `arch`, folders written by moeify).
     """
     from torch import nn
 
@@ -123,7 +123,7 @@ def load_model_ref(spec: str):
         except ImportError:
             raise MoeifyError(f"{spec!r} is not module:callable, and this moeify cannot load saved "
                               "models") from None
-        made = load_model(spec)
+        made = load_model(spec, arch=arch, trust_pickle=trust_pickle)
         made = getattr(made, "model", made)
     example = None
     if isinstance(made, tuple) and len(made) == 2:
@@ -189,16 +189,21 @@ def _session(model: str, threads: int | None, provider: str | None):
                    "model's config (transformers models) or the callable's example.")
 @click.option("--fp16", is_flag=True, help="Export in float16.")
 @click.option("--static", is_flag=True, help="Fixed input shapes (default: dynamic batch and sequence axes).")
+@click.option("--arch", metavar="MODULE:CALLABLE",
+              help="Builds the model for a weights-only file (state_dict .pt or .safetensors).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading a full pickled module (.pt from torch.save(model)); this runs code stored "
+                   "in the file.")
 def export_command(model: str, output: str, target: str, input_specs: tuple[str, ...], fp16: bool,
-                   static: bool) -> None:
-    """Export MODEL (module:callable or a saved model) to ONNX."""
+                   static: bool, arch: str | None, trust_pickle: bool) -> None:
+    """Export MODEL to ONNX: module:callable, a Hugging Face folder, a moeify folder or a weights file."""
     import torch
 
     from moeify.lowering.export import export_onnx
 
     for spec in input_specs:  # fail on a typo before loading the model
         parse_input_spec(spec)
-    module, example = load_model_ref(model)
+    module, example = load_model_ref(model, arch=arch, trust_pickle=trust_pickle)
     if input_specs:
         vocab = getattr(getattr(module, "config", None), "vocab_size", None)
         example = example_from_specs(input_specs, vocab)
