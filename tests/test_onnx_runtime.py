@@ -146,3 +146,17 @@ def test_cli_bad_input_is_one_line_moeify_error(tmp_path):
         assert result.exit_code != 0
         assert isinstance(result.exception, MoeifyError), (args, result.exception)
         assert "\n" not in str(result.exception)
+
+
+def test_commands_under_the_moeify_group(tmp_path):
+    """Registered on a MoeifyGroup (as the `moeify` command does), a MoeifyError is one line, exit 1."""
+    cli = pytest.importorskip("moeify.cli")
+    from moeify.cli.onnx_commands import COMMANDS
+
+    group = cli.MoeifyGroup("moeify-test")
+    for command in COMMANDS:
+        group.add_command(command)
+    result = CliRunner().invoke(group, ["bench", str(tmp_path / "missing.onnx")])
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0 and "not found" in result.output
+    assert "--target" in CliRunner().invoke(group, ["export", "--help"]).output
