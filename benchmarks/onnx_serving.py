@@ -158,7 +158,8 @@ def main() -> int:
             start = time.perf_counter()
             result = moeify.export_onnx(model, {"input_ids": ids[:, :8]}, path, target=target)
             export_s = time.perf_counter() - start
-            session = make_session(path, threads=args.threads)
+            # no spinning: idle sessions' busy-waiting threads would steal the cores from the timed one
+            session = make_session(path, threads=args.threads, spinning=False)
             provider = session.get_providers()[0]
             got = session.run(None, feed)[0]
             err = float(np.abs(got - reference).max() / np.abs(reference).max())

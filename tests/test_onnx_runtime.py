@@ -41,7 +41,7 @@ def test_session_on_cpu_without_warnings(tiny):
     assert default_providers()[-1] == "CPUExecutionProvider"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no CUDA fallback warning on a machine without a GPU
-        session = make_session(path, threads=1)
+        session = make_session(path, threads=1, spinning=False)
     assert session.get_providers()[-1] == "CPUExecutionProvider"
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["moeify.target"] == "ort" and meta["moeify.dtype"] == "float32"

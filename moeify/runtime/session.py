@@ -50,7 +50,7 @@ def default_providers() -> list[str]:
 
 
 def make_session(path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 optimization: str = "all", log_level: str = "error"):
+                 optimization: str = "all", log_level: str = "error", spinning: bool | None = None):
     """An `onnxruntime.InferenceSession` for the model at `path`.
 
     Args:
@@ -59,6 +59,9 @@ def make_session(path: str | Path, providers: Sequence[str] | None = None, threa
         optimization: graph optimisation level: "disable", "basic", "extended" or "all".
         log_level: onnxruntime's session log level ("error" hides its informational warnings, e.g. about
             constant folding of float16 nodes).
+        spinning: whether idle intra-op threads busy-wait for the next op (onnxruntime's default: yes).
+            False when several sessions or processes share the cores: spinning threads of one session
+            steal CPU from the others (benchmarks that interleave sessions need it off).
     """
     import onnxruntime as ort
 
@@ -81,6 +84,8 @@ def make_session(path: str | Path, providers: Sequence[str] | None = None, threa
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     wanted = list(providers) if providers is not None else default_providers()
     unknown = [p for p in wanted if p not in ort.get_available_providers()]
     if unknown:
