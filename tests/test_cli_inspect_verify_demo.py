@@ -1,6 +1,7 @@
 """`moeify inspect`, `moeify verify`, `moeify demo`, `--help`."""
 
 import json
+import re
 
 import pytest
 
@@ -57,13 +58,17 @@ def test_demo(run):
     result = run("demo", "--experts", "4")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for step in ("1/6 build", "2/6 find", "3/6 convert", "4/6 verify", "5/6 save", "6/6 export"):
+    steps = ("1/7 build", "2/7 find", "3/7 convert", "4/7 verify", "5/7 save", "6/7 export", "7/7 export")
+    for step in steps:
         assert step in out
     assert "largest difference after reload: 0.00e+00" in out
     assert "MixtralForCausalLM" in out
+    assert "4/4 -> com.microsoft.MoE" in out
+    ort_diff = re.search(r"ONNX Runtime \(\w+\) vs PyTorch: largest logit difference (\S+)", out)
+    assert ort_diff is not None and float(ort_diff.group(1)) < 1e-4
 
 
-@pytest.mark.parametrize("command", ["inspect", "convert", "verify", "demo"])
+@pytest.mark.parametrize("command", ["inspect", "convert", "verify", "demo", "export", "run", "bench"])
 def test_help_has_examples(run, command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Examples:" in result.stdout and f"moeify {command}" in result.stdout

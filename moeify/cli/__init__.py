@@ -71,9 +71,10 @@ def _register() -> None:
     from moeify.cli.convert import convert
     from moeify.cli.demo import demo
     from moeify.cli.inspect import inspect
+    from moeify.cli.onnx_commands import COMMANDS as ONNX_COMMANDS
     from moeify.cli.verify import verify
 
-    for command in (inspect, convert, verify, demo):
+    for command in (inspect, convert, verify, demo, *ONNX_COMMANDS):
         main.add_command(command)
 
 

@@ -51,7 +51,7 @@ def _demo(experts: int, k: int, workdir: Path) -> None:
     from moeify.zoo import tiny_llama
 
     console = out_console()
-    steps = 6
+    steps = 7
     _step(console, 1, steps, "build the dense model: moeify.zoo:tiny_llama (LLaMA, seed 0)")
     t = time.perf_counter()
     dense = tiny_llama()
@@ -110,6 +110,24 @@ def _demo(experts: int, k: int, workdir: Path) -> None:
     diff = float((hf_logits - moe_out.logits).abs().max())
     console.print(f"{type(mixtral).__name__} from {hf_dir}: largest logit difference to moeify's model "
                   f"{diff:.2e}")
+    _step(console, 7, steps,
+          "export to ONNX (com.microsoft.MoE) and run it in ONNX Runtime (moeify export / run)")
+    import moeify.runtime
+
+    onnx_path = workdir / f"tiny_llama-moe{experts}.onnx"
+    t = time.perf_counter()
+    exported = moeify.export_onnx(moe, {"input_ids": inputs["input_ids"]}, onnx_path, target="ort")
+    export_s = time.perf_counter() - t
+    console.print(f"{exported.summary()}; exported in {export_s:.2f}s")
+    session = moeify.runtime.make_session(onnx_path)
+    ort_outputs = moeify.runtime.run(session, {"input_ids": inputs["input_ids"].numpy()})
+    ort_logits = next(iter(ort_outputs.values()))  # [B, S, vocab]
+    with torch.no_grad():
+        torch_logits = moe(input_ids=inputs["input_ids"]).logits
+    diff = float((torch.from_numpy(ort_logits) - torch_logits).abs().max())
+    provider = session.get_providers()[0]
+    console.print(f"ONNX Runtime ({provider}) vs PyTorch: largest logit difference {diff:.2e}")
+
     console.print(f"\n[bold]done.[/bold] the same from the shell: moeify convert moeify.zoo:tiny_llama "
                   f"--experts {experts} --k {k} && "
                   f"moeify verify moeify.zoo:tiny_llama tiny_llama-moe{experts}")

@@ -22,6 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from moeify.cli.common import examples
 from moeify.errors import MoeifyError
 
 _DTYPES = {"float32": np.float32, "float": np.float32, "fp32": np.float32, "float16": np.float16,
@@ -194,6 +195,11 @@ def _session(model: str, threads: int | None, provider: str | None):
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a full pickled module (.pt from torch.save(model)); this runs code stored "
                    "in the file.")
+@examples("""
+moeify export tiny_llama-moe8 -o tiny_llama-moe8.onnx
+moeify export tiny_llama-moe8 -o model.onnx --target portable --fp16
+moeify export mypkg.models:build -o model.onnx --input-spec x:2x16x512
+""")
 def export_command(model: str, output: str, target: str, input_specs: tuple[str, ...], fp16: bool,
                    static: bool, arch: str | None, trust_pickle: bool) -> None:
     """Export MODEL to ONNX: module:callable, a Hugging Face folder, a moeify folder or a weights file."""
@@ -231,6 +237,11 @@ def export_command(model: str, output: str, target: str, input_specs: tuple[str,
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
 @click.option("--provider", help="Execution provider (default: CUDA when usable, else CPU).")
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the outputs to this .npz file.")
+@examples("""
+moeify run tiny_llama-moe8.onnx
+moeify run model.onnx --input input_ids=ids.npy --save outputs.npz
+moeify run model.onnx --batch 4 --seq 128 --threads 2
+""")
 def run_command(model: str, inputs: tuple[str, ...], batch: int, seq: int, threads: int | None,
                 provider: str | None, save: str | None) -> None:
     """Run an ONNX model once with ONNX Runtime and summarise its outputs."""
@@ -264,6 +275,11 @@ def run_command(model: str, inputs: tuple[str, ...], batch: int, seq: int, threa
 @click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--provider", help="Execution provider (default: CUDA when usable, else CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@examples("""
+moeify bench tiny_llama-moe8.onnx
+moeify bench model.onnx --runs 100 --threads 2 --seq 512
+moeify bench model.onnx --json
+""")
 def bench_command(model: str, runs: int, warmup: int, threads: int | None, batch: int, seq: int,
                   provider: str | None, as_json: bool) -> None:
     """Latency percentiles and throughput of an ONNX model in ONNX Runtime."""
