@@ -130,7 +130,7 @@ def expert_load_heatmap(stats: Mapping[str, RoutingStats | Tensor | Sequence[flo
     worst = min(s.balance for s in summaries)
     ax.set_title(f"{title}\n(worst layer balance {worst:.2f}; 1.00 = uniform, 0.00 = one expert takes all)",
                  fontsize=10)
-    cbar = fig.colorbar(im, ax=ax, pad=0.42 if E <= 16 else 0.05, fraction=0.05)
+    cbar = fig.colorbar(im, ax=ax, pad=0.36 if E <= 16 else 0.05, fraction=0.05)
     cbar.set_label("load / uniform load")
     if path is not None:
         save_figure(fig, path)
