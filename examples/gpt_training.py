@@ -10,7 +10,9 @@ What the FLOP count counts (per trained token, forward + backward = 3 x forward)
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,3 +156,26 @@ def interpolate(xs: list[float], ys: list[float], x: float) -> float:
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return ys[-1]
+
+
+def interleaved_step_seconds(models: dict[str, nn.Module], batch: tuple[Tensor, Tensor], loss_fn,
+                             rounds: int = 5) -> dict[str, float]:
+    """Median seconds of one full training step (forward, backward, AdamW step) per model, timed in turns.
+
+    On a shared machine the load changes from minute to minute, so runs timed one after another are not
+    comparable; timing the models in alternation, on copies, over several rounds, is. Round 0 is warm-up.
+    """
+    copies = {name: copy.deepcopy(m).train() for name, m in models.items()}
+    opts = {name: make_optimizer(m, TrainSettings(steps=1)) for name, m in copies.items()}
+    times: dict[str, list[float]] = {name: [] for name in copies}
+    x, y = batch
+    for r in range(rounds + 1):
+        for name, m in copies.items():
+            start = time.perf_counter()
+            loss = loss_fn(m(x), y) + moeify.aux_loss(m)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+            if r > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

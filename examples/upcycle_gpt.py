@@ -33,7 +33,14 @@ from moeify.plot import LoadHistory, expert_load_heatmap, load_over_steps, loss_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules, however we are run
 
-from gpt_training import TrainSettings, active_params_per_token, flops_per_token, interpolate, train  # noqa: E402
+from gpt_training import (  # noqa: E402
+    TrainSettings,
+    active_params_per_token,
+    flops_per_token,
+    interleaved_step_seconds,
+    interpolate,
+    train,
+)
 from stdlib_corpus import BatchSampler, eval_batches, load_corpus  # noqa: E402
 from tinygpt import GPT, GPTConfig, lm_loss  # noqa: E402
 
@@ -69,15 +76,17 @@ def table(results: dict) -> str:
     runs = results["runs"]
     dense = runs["dense"]
     f_budget, t_budget = dense["flops"][-1], dense["seconds"][-1]
-    head = (f"{'run':<10} {'active params':>13} {'extra tokens':>12} {'extra FLOPs':>11} {'wall s':>7} "
-            f"{'loss@0':>7} {'final':>7} {'@dense FLOPs':>12} {'@dense time':>11}")
+    head = (f"{'run':<9} {'active params':>13} {'extra tokens':>12} {'extra FLOPs':>11} {'ms/step':>7} "
+            f"{'wall s':>6} {'(clock)':>7} {'loss@0':>7} {'final':>7} {'@dense FLOPs':>12} "
+            f"{'@dense time':>11}")
     lines = [head, "-" * len(head)]
     for name, r in runs.items():
         at_f = interpolate(r["flops"], r["loss"], f_budget)
         at_t = interpolate(r["seconds"], r["loss"], t_budget)
-        lines.append(f"{name:<10} {r['active_params']:>13,d} {r['tokens'][-1]:>12,d} {r['flops'][-1]:>11.3g} "
-                     f"{r['seconds'][-1]:>7.1f} {r['loss'][0]:>7.4f} {r['loss'][-1]:>7.4f} {at_f:>12.4f} "
-                     f"{at_t:>11.4f}")
+        lines.append(f"{name:<9} {r['active_params']:>13,d} {r['tokens'][-1]:>12,d} {r['flops'][-1]:>11.3g} "
+                     f"{1000 * r['step_seconds']:>7.0f} {r['seconds'][-1]:>6.0f} "
+                     f"{r['seconds_measured'][-1]:>7.0f} "
+                     f"{r['loss'][0]:>7.4f} {r['loss'][-1]:>7.4f} {at_f:>12.4f} {at_t:>11.4f}")
     return "\n".join(lines)
 
 
@@ -159,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                "pretrain": pre.as_dict(), "runs": {}}
     histories: dict[str, LoadHistory] = {}
     final_stats = {}
+    models: dict[str, torch.nn.Module] = {}
     for name, init in (("dense", None), ("moe-copy", "copy"), ("moe-drop", "drop")):
         model = GPT(cfg)
         model.load_state_dict(torch.load(ckpt, weights_only=True))
@@ -175,13 +185,22 @@ def main(argv: list[str] | None = None) -> dict:
         results["runs"][name] = {**curve.as_dict(), "active_params": active_params_per_token(model),
                                  "total_params": sum(p.numel() for p in model.parameters()),
                                  "flops_per_token": fpt}
+        models[name] = model
         if history is not None:
             histories[name] = history
             final_stats.update({f"{name}: {k}": v for k, v in moeify.routing_stats(model).items()})
             loads = {k: [t.tolist() for t in v] for k, v in history.loads.items()}
             results["runs"][name]["load_history"] = {"steps": history.steps, "loads": loads}
 
-    # 3. report
+    # 3. wall time: the three models timed in turns on one batch (see interleaved_step_seconds); the
+    #    "seconds" axis is steps x that median step time, the raw per-run clock is kept as seconds_measured
+    batch = BatchSampler(corpus.train, preset["batch_size"], cfg.context, seed=args.seed + 2000).next()
+    step_seconds = interleaved_step_seconds(models, batch, lm_loss, rounds=2 if args.quick else 6)
+    for name, r in results["runs"].items():
+        r["seconds_measured"], r["step_seconds"] = r["seconds"], step_seconds[name]
+        r["seconds"] = [step * step_seconds[name] for step in r["step"]]
+
+    # 4. report
     pngs = [out / "loss_vs_compute.png", out / "expert_load.png"]
     axes = [("tokens", "extra training tokens (bytes)"), ("flops", "extra training FLOPs"),
             ("seconds", "extra training wall time (s)")]
