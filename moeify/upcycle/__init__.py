@@ -6,9 +6,38 @@ Interface (stable; strategies are added behind it):
 - `UpcycleConfig`: which strategy and its options (frozen, validated, JSON-able).
 - `expert_d_ff(cfg, dense_d_ff, num_experts)`: the hidden width each expert gets under the strategy
   (copy-like strategies keep d_ff; split gives d_ff / E; granular d_ff / G).
-- `upcycle_layer(layer, dense, cfg, calibration=None)`: fills `layer` in place.
+- `upcycle_layer(layer, dense, cfg, calibration=None)`: fills `layer` in place (returns an `UpcycleResult`).
+- `PRESERVATION`, `preserves(...)`, `preserves_config(upcycle, moe)`: which strategies reproduce the dense
+  FFN exactly at init, under which router / k / normalisation.
+
+One file per strategy: copying.py (copy), noise.py, drop.py, split.py, granular.py; router_init.py for
+the router, kmeans.py for the clustering both use.
 """
 
-from moeify.upcycle.strategies import DenseFFNWeights, UpcycleConfig, expert_d_ff, upcycle_layer
+from moeify.upcycle._common import UpcycleResult
+from moeify.upcycle.config import (
+    INITS,
+    ROUTER_INITS,
+    SPLIT_METHODS,
+    DenseFFNWeights,
+    UpcycleConfig,
+    UpcycleError,
+)
+from moeify.upcycle.preservation import PRESERVATION, preserves, preserves_config
+from moeify.upcycle.strategies import STRATEGIES, expert_d_ff, upcycle_layer
 
-__all__ = ["DenseFFNWeights", "UpcycleConfig", "expert_d_ff", "upcycle_layer"]
+__all__ = [
+    "INITS",
+    "PRESERVATION",
+    "ROUTER_INITS",
+    "SPLIT_METHODS",
+    "STRATEGIES",
+    "DenseFFNWeights",
+    "UpcycleConfig",
+    "UpcycleError",
+    "UpcycleResult",
+    "expert_d_ff",
+    "preserves",
+    "preserves_config",
+    "upcycle_layer",
+]
