@@ -46,14 +46,14 @@ from tinygpt import GPT, GPTConfig, lm_loss  # noqa: E402
 
 EXPERTS, TOP_K, DROP_RATIO = 8, 2, 0.5
 
-# (model, pretrain steps, extra steps, batch size, eval sequences, files read, eval every)
+# eval_every: held-out evaluation every so many steps (pretraining: pretrain_eval_every)
 PRESETS = {
     "default": dict(model=GPTConfig(context=128, n_layer=4, n_head=4, d_model=128, d_ff=512),
-                    pretrain_steps=900, extra_steps=300, batch_size=32, eval_sequences=96, max_files=None,
-                    eval_every=25),
+                    pretrain_steps=600, extra_steps=200, batch_size=32, eval_sequences=96, max_files=None,
+                    eval_every=20, pretrain_eval_every=50),
     "quick": dict(model=GPTConfig(context=32, n_layer=2, n_head=2, d_model=32, d_ff=64),
                   pretrain_steps=20, extra_steps=6, batch_size=8, eval_sequences=8, max_files=40,
-                  eval_every=3),
+                  eval_every=3, pretrain_eval_every=10),
 }
 
 
@@ -121,6 +121,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("upcycle_gpt_out"), help="where PNGs and results go")
     p.add_argument("--pretrain-steps", type=int, help="override the preset's pretraining steps")
     p.add_argument("--extra-steps", type=int, help="override the preset's continuation steps")
+    p.add_argument("--batch-size", type=int, help="override the preset's batch size (sequences per step)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a machine "
+                                               "busy with other work, 1 is often faster")
+    p.add_argument("--reuse-pretrained", action="store_true",
+                   help="skip pretraining when --out holds a checkpoint pretrained with the same settings")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -128,7 +133,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     preset = dict(PRESETS["quick" if args.quick else "default"])
-    for key in ("pretrain_steps", "extra_steps"):
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("error: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    for key in ("pretrain_steps", "extra_steps", "batch_size"):
         if getattr(args, key) is not None:
             if getattr(args, key) < 1:
                 raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1")
@@ -145,27 +154,39 @@ def main(argv: list[str] | None = None) -> dict:
           f"torch threads {torch.get_num_threads()}")
     eval_set = eval_batches(corpus.held_out, preset["eval_sequences"], cfg.context, preset["batch_size"])
 
-    def settings(steps: int) -> TrainSettings:
+    def settings(steps: int, eval_every: int) -> TrainSettings:
         warmup = max(1, min(20, steps // 5))
-        return TrainSettings(steps=steps, eval_every=preset["eval_every"], warmup=warmup)
+        return TrainSettings(steps=steps, eval_every=eval_every, warmup=warmup)
 
-    # 1. dense pretraining
-    dense = GPT(cfg)
-    print(f"pretraining dense GPT ({active_params_per_token(dense):,d} active params/token) "
-          f"for {preset['pretrain_steps']} steps of {preset['batch_size']}x{cfg.context} bytes")
-    pre = train(dense, BatchSampler(corpus.train, preset["batch_size"], cfg.context, seed=args.seed),
-                settings(preset["pretrain_steps"]), eval_set, lm_loss,
-                flops_per_token(dense, cfg.n_layer, cfg.context, cfg.d_model), name="pretrain")
-    ckpt = out / "dense_pretrained.pt"
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-    torch.save(dense.state_dict(), tmp)
-    os.replace(tmp, ckpt)
+    # 1. dense pretraining (or, with --reuse-pretrained, the checkpoint an identical earlier run left)
+    ckpt, ckpt_meta = out / "dense_pretrained.pt", out / "dense_pretrained.json"
+    identity = {"model": cfg.__dict__, "steps": preset["pretrain_steps"], "batch_size": preset["batch_size"],
+                "seed": args.seed, "max_files": preset["max_files"]}
+    if args.reuse_pretrained and ckpt.is_file() and ckpt_meta.is_file():
+        meta = json.loads(ckpt_meta.read_text())
+        if meta["identity"] != identity:
+            raise SystemExit(f"error: {ckpt} was pretrained with other settings; drop --reuse-pretrained "
+                             "or use another --out")
+        pre_curve = meta["curve"]
+        print(f"reusing the pretrained checkpoint {ckpt}")
+    else:
+        dense = GPT(cfg)
+        print(f"pretraining dense GPT ({active_params_per_token(dense):,d} active params/token) "
+              f"for {preset['pretrain_steps']} steps of {preset['batch_size']}x{cfg.context} bytes")
+        pre = train(dense, BatchSampler(corpus.train, preset["batch_size"], cfg.context, seed=args.seed),
+                    settings(preset["pretrain_steps"], preset["pretrain_eval_every"]), eval_set, lm_loss,
+                    flops_per_token(dense, cfg.n_layer, cfg.context, cfg.d_model), name="pretrain")
+        pre_curve = pre.as_dict()
+        tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+        torch.save(dense.state_dict(), tmp)
+        os.replace(tmp, ckpt)
+        write_json(ckpt_meta, {"identity": identity, "curve": pre_curve})
 
     # 2. three continuations from the same checkpoint, on the same batches
     results = {"config": {**cfg.__dict__, "experts": EXPERTS, "k": TOP_K, "drop_ratio": DROP_RATIO,
                           **{k: v for k, v in preset.items() if k != "model"}, "seed": args.seed,
                           "threads": torch.get_num_threads()},
-               "pretrain": pre.as_dict(), "runs": {}}
+               "pretrain": pre_curve, "runs": {}}
     histories: dict[str, LoadHistory] = {}
     final_stats = {}
     models: dict[str, torch.nn.Module] = {}
@@ -180,8 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {active_params_per_token(model):,d} active params/token, "
               f"{sum(p.numel() for p in model.parameters()):,d} total params, {fpt:,d} FLOPs/token")
         sampler = BatchSampler(corpus.train, preset["batch_size"], cfg.context, seed=args.seed + 1000)
-        curve = train(model, sampler, settings(preset["extra_steps"]), eval_set, lm_loss, fpt,
-                      history=history, name=name)
+        extra = settings(preset["extra_steps"], preset["eval_every"])
+        curve = train(model, sampler, extra, eval_set, lm_loss, fpt, history=history, name=name)
         results["runs"][name] = {**curve.as_dict(), "active_params": active_params_per_token(model),
                                  "total_params": sum(p.numel() for p in model.parameters()),
                                  "flops_per_token": fpt}

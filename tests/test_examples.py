@@ -128,6 +128,9 @@ def test_upcycle_gpt_quick(tmp_path, capsys):
     assert (tmp_path / "results.json").is_file() and (tmp_path / "dense_pretrained.pt").is_file()
     out = capsys.readouterr().out
     assert results["table"] in out and "dense continuation at equal extra FLOPs" in out
+    # the checkpoint is only reused for the very same pretraining settings
+    with pytest.raises(SystemExit, match="pretrained with other settings"):
+        upcycle_gpt.main(["--quick", "--out", str(tmp_path), "--reuse-pretrained", "--pretrain-steps", "21"])
 
 
 def test_upcycle_gpt_rejects_bad_steps(tmp_path):
