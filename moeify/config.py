@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from moeify.activations import ACTIVATIONS
@@ -68,51 +69,53 @@ class MoEConfig:
             if not cond:
                 raise ConfigError(message)
 
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value) -> bool:
+            return is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+        def one_of(name: str, valid) -> None:
+            value = getattr(self, name)
+            need(isinstance(value, str) and value in valid,
+                 f"unknown {name} {value!r}; valid: {', '.join(sorted(valid))}")
+
         for name in ("d_model", "d_ff", "num_experts"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+            need(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         need(
-            isinstance(self.k, int) and 1 <= self.k <= self.num_experts,
+            is_int(self.k) and 1 <= self.k <= self.num_experts,
             f"k must satisfy 1 <= k <= num_experts ({self.num_experts}), got k={self.k!r}",
         )
+        one_of("router", ROUTERS)
+        one_of("activation", ACTIVATIONS)
+        for name in ("gated", "bias", "normalize"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        one_of("score_fn", SCORE_FUNCTIONS)
         need(
-            self.router in ROUTERS,
-            f"unknown router {self.router!r}; valid routers: {', '.join(sorted(ROUTERS))}",
+            self.capacity_factor is None or (is_number(self.capacity_factor) and self.capacity_factor > 0),
+            f"capacity_factor must be a finite number > 0 (or None for dropless routing), "
+            f"got {self.capacity_factor!r}",
         )
+        for name in ("jitter_noise", "aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            need(is_number(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("slots_per_expert", "sinkhorn_iters"):
+            value = getattr(self, name)
+            need(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        one_of("random_eval_rule", RANDOM_EVAL_RULES)
+        need(is_int(self.hash_seed), f"hash_seed must be an integer, got {self.hash_seed!r}")
+        need(is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
+             f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         need(
-            self.activation in ACTIVATIONS,
-            f"unknown activation {self.activation!r}; valid activations: {', '.join(sorted(ACTIVATIONS))}",
+            self.shared_d_ff is None or (is_int(self.shared_d_ff) and self.shared_d_ff >= 1),
+            f"shared_d_ff must be an integer >= 1 (or None for d_ff), got {self.shared_d_ff!r}",
         )
-        need(
-            self.score_fn in SCORE_FUNCTIONS,
-            f"unknown score_fn {self.score_fn!r}; valid: {', '.join(SCORE_FUNCTIONS)}",
-        )
-        need(
-            self.capacity_factor is None or (isinstance(self.capacity_factor, (int, float))
-                                              and self.capacity_factor > 0),
-            f"capacity_factor must be > 0 (or None for dropless routing), got {self.capacity_factor!r}",
-        )
-        need(self.jitter_noise >= 0, f"jitter_noise must be >= 0, got {self.jitter_noise!r}")
-        need(self.slots_per_expert >= 1, f"slots_per_expert must be >= 1, got {self.slots_per_expert!r}")
-        need(self.sinkhorn_iters >= 1, f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters!r}")
-        need(
-            self.random_eval_rule in RANDOM_EVAL_RULES,
-            f"unknown random_eval_rule {self.random_eval_rule!r}; valid: {', '.join(RANDOM_EVAL_RULES)}",
-        )
-        need(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        need(
-            self.shared_d_ff is None or self.shared_d_ff >= 1,
-            f"shared_d_ff must be >= 1 (or None for d_ff), got {self.shared_d_ff!r}",
-        )
-        need(self.aux_loss_coef >= 0, f"aux_loss_coef must be >= 0, got {self.aux_loss_coef!r}")
-        need(self.z_loss_coef >= 0, f"z_loss_coef must be >= 0, got {self.z_loss_coef!r}")
-        need(
-            self.router_dtype in ("float32", "float64"),
-            f"router_dtype must be 'float32' or 'float64', got {self.router_dtype!r}",
-        )
+        one_of("router_dtype", ("float32", "float64"))
         need(
             self.version == CONFIG_VERSION,
-            f"config version {self.version} is not supported by this moeify (expects {CONFIG_VERSION}); "
+            f"config version {self.version!r} is not supported by this moeify (expects {CONFIG_VERSION}); "
             "upgrade moeify or re-create the config",
         )
 
@@ -135,12 +138,26 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MoEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise ConfigError(f"an MoEConfig must be a JSON object / dict, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown MoEConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown MoEConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
+        required = [f.name for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ConfigError(f"MoEConfig is missing required field(s) {', '.join(missing)}")
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> MoEConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"MoEConfig JSON is not valid JSON: {e}") from None
+        return cls.from_dict(data)

@@ -37,7 +37,8 @@ class MoELayer(nn.Module):
         router: an existing router to share (Omni-router: one router for several layers); it must have
             been built for the same d_model and expert count. Default: a new router from the config.
         causal: True when the layer sits in a causal decoder; routers that mix tokens (expert choice, soft,
-            balanced) are refused there since they let a token's output depend on later tokens.
+            balanced, top-k with a capacity factor) are refused there since they let a token's output depend
+            on later tokens.
     """
 
     def __init__(self, config: MoEConfig, router: Router | None = None, causal: bool = False):
@@ -50,7 +51,8 @@ class MoELayer(nn.Module):
         if causal and self.router.mixes_tokens:
             raise ConfigError(
                 f"router {self.router.name!r} mixes information across tokens and would break causality in "
-                "a causal decoder; use a token-choice router (topk, hash, random) there"
+                "a causal decoder; use a token-choice router there (topk without capacity_factor, hash, "
+                "random)"
             )
         self.causal = causal
         E, D, H = config.num_experts, config.d_model, config.d_ff

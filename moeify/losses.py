@@ -11,21 +11,30 @@ Tensor = torch.Tensor
 
 
 def load_balance_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
-    """Switch Transformer load-balancing loss: E * sum_e f_e * P_e.
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e.
 
-    probs [T, E]: router probabilities; expert_idx [N]: chosen experts (E = dropped, still counted as
-    chosen, as in Switch where f counts routing decisions, not what fit). Equals 1.0 under perfectly
-    uniform routing and grows as routing concentrates.
+    probs [T, E]: router probabilities; expert_idx [N]: the experts the tokens *chose* (routing decisions,
+    taken before any capacity drop, as in Switch where f counts what the router decided, not what fit).
+    f_e = share of the N assignments that chose e (for top-k, N = T*k, so a uniform top-k routing still
+    gives f_e = 1/E), P_e = mean router probability of e. Equals 1.0 under perfectly uniform routing and E
+    when every token sends everything to one expert. Indices >= E (dropped markers) are ignored: pass the
+    choices before dropping.
     """
-    chosen = expert_idx.clamp(max=num_experts - 1)  # [N]
-    counts = torch.bincount(chosen, minlength=num_experts).to(probs.dtype)  # [E]
-    fraction = counts / counts.sum().clamp(min=1)  # [E] f_e
-    mean_prob = probs.mean(dim=0)  # [E] P_e
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    valid = expert_idx[expert_idx < num_experts]  # [N']
+    counts = torch.bincount(valid, minlength=num_experts).to(probs.dtype)  # [E]
+    fraction = counts / counts.sum().clamp(min=1)  # [E] f_e (no gradient: counts are discrete)
+    mean_prob = probs.mean(dim=0)  # [E] P_e (the gradient flows here)
     return num_experts * (fraction * mean_prob).sum()
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps logits small and stable."""
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2.
+
+    logits [T, L]; the logsumexp runs over the last dim (experts, or slots for Soft MoE). Penalises large
+    logits so the router's softmax stays in a numerically safe range.
+    """
     if logits.numel() == 0:
         return logits.new_zeros(())
     return torch.logsumexp(logits, dim=-1).square().mean()

@@ -1,6 +1,16 @@
-"""Routers by name. Importing this package registers every built-in router."""
+"""Routers by name. Importing this package registers every built-in router.
 
-from moeify.routers import topk  # noqa: F401  (registers)
+| name           | kind          | paper                                   |
+| -------------- | ------------- | --------------------------------------- |
+| topk           | token choice  | Switch (k=1), GShard / Mixtral (k=2)    |
+| expert_choice  | expert choice | Zhou et al. 2022                        |
+| hash           | fixed hash    | Roller et al. 2021 (Hash Layers)        |
+| soft           | soft slots    | Puigcerver et al. 2023 (Soft MoE)       |
+| random         | stochastic    | Zuo et al. 2022 (THOR)                  |
+| balanced       | assignment    | Lewis et al. 2021 (BASE), Sinkhorn      |
+"""
+
+from moeify.routers import balanced, expert_choice, hash, random, soft, topk  # noqa: F401  (registers)
 from moeify.routers.base import Router
 from moeify.routers.registry import ROUTERS, register_router
 

@@ -1,4 +1,5 @@
-"""Router registry: names -> router classes. Registering a name twice is an error, never a silent overwrite."""
+"""Router registry: names -> router classes. Registering a name twice is an error, never a silent
+overwrite."""
 
 from __future__ import annotations
 

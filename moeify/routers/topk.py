@@ -25,13 +25,16 @@ def token_choice_routing(router: Router, logits: Tensor, scores: Tensor, top_idx
     cfg = router.config
     T, K = top_idx.shape
     E = router.num_experts
+    chosen = top_idx.reshape(-1)  # [T*K] the router's decisions, before capacity
     if cfg.capacity_factor is not None:
         top_idx = drop_over_capacity(top_idx, E, expert_capacity(T, K, E, cfg.capacity_factor))
-    flat_expert = top_idx.reshape(-1)  # [T*K]
+    flat_expert = top_idx.reshape(-1)  # [T*K], E where dropped
     losses = {}
     if cfg.aux_loss_coef > 0 and router.learned:
-        probs = scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-9)
-        losses["load_balance"] = cfg.aux_loss_coef * load_balance_loss(probs, flat_expert, E)
+        probs = scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-9)  # sigmoid scores -> a distribution
+        # f_e counts what the router chose (Switch), not what fit: a collapsed router whose overflow is
+        # dropped must still see the full penalty.
+        losses["load_balance"] = cfg.aux_loss_coef * load_balance_loss(probs, chosen, E)
     if cfg.z_loss_coef > 0 and router.learned:
         losses["z_loss"] = cfg.z_loss_coef * router_z_loss(logits)
     token_idx = torch.arange(T, device=logits.device).repeat_interleave(K)  # [T*K]
@@ -44,8 +47,20 @@ class TopKRouter(Router):
     """Scores = softmax (or sigmoid) of logits; each token takes its k best experts.
 
     With `normalize=True` (default) the k weights are renormalised to sum to 1, so k copies of one dense
-    FFN reproduce it exactly whatever the router picks.
+    FFN reproduce it exactly whatever the router picks. With k=1 that makes every weight exactly 1: the
+    router then learns only from the auxiliary losses, never from the task loss. Switch Transformer scales
+    the expert output by the router probability instead: use `normalize=False` for that.
+
+    With a `capacity_factor`, each expert computes at most ceil(cf * T * k / E) assignments; the rest are
+    dropped (the token's routed output for that choice is zero; the residual carries it). Priority is
+    GShard's: all first choices before any second choice, earlier tokens first. A token's second choice can
+    therefore be dropped because of a *later* token's first choice, so top-k with a capacity factor mixes
+    tokens and is refused in a causal decoder (`mixes_tokens`).
     """
+
+    @property
+    def mixes_tokens(self) -> bool:  # type: ignore[override]
+        return self.config.capacity_factor is not None
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         cfg = self.config

@@ -1,0 +1,79 @@
+"""`parallelize`: expert parallelism for the experts, data parallelism for everything else."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from moeify.parallel.comm import CommTimer
+from moeify.parallel.errors import ParallelError
+from moeify.parallel.shard import expert_parameters, shard_experts
+
+DP_MODES = ("ddp", "fsdp", None)
+
+
+def _group_ranks(group) -> list[int]:
+    return sorted(dist.get_process_group_ranks(group))
+
+
+def parallelize(model: nn.Module, ep_group=None, dp_mesh: DeviceMesh | None = None, dp: str | None = "ddp",
+                timer: CommTimer | None = None) -> nn.Module:
+    """Shard a converted model's experts over `ep_group` and data-parallelise the rest; returns the model.
+
+    Call it on every rank of the group, after `torch.distributed.init_process_group` and after moving the
+    model to its device. Each rank feeds its own batch (the ranks are data-parallel for the tokens).
+
+    Args:
+        ep_group: process group the experts are sharded over (default: the world). Every MoE layer's
+            expert count must be divisible by its size P; rank r keeps experts [r*E/P, (r+1)*E/P) and
+            rank 0's full expert weights are scattered.
+        dp_mesh: 1-D device mesh over the same ranks for the non-expert parameters. Default: a new
+            group over those ranks, so data-parallel all-reduces never interleave with the expert
+            exchanges on one communicator.
+        dp: "ddp" (default) wraps the model in DistributedDataParallel with the expert parameters
+            ignored; "fsdp" applies FSDP2 `fully_shard` to the whole model with the expert parameters
+            as `ignored_params`; None leaves data parallelism of the non-expert parameters to you (use
+            `moeify.parallel.expert_parameters(model)` to exclude the experts).
+        timer: optional `CommTimer` that accumulates the time spent in expert exchanges.
+
+    Gradients: DDP/FSDP average the non-expert gradients over the P ranks; the expert exchange sums the
+    P ranks' contributions, so the expert gradients are scaled by 1/P and the whole model trains on the
+    mean loss over ranks, exactly like single-process training on the concatenated batches. With
+    dp=None the expert gradients are scaled all the same: average the rest over the group yourself.
+    """
+    if dp not in DP_MODES:
+        raise ParallelError(f"unknown dp {dp!r}; valid: 'ddp', 'fsdp', None")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ParallelError("expert parallelism needs torch.distributed initialised "
+                            "(torch.distributed.init_process_group, e.g. under torchrun)")
+    ep_group = ep_group if ep_group is not None else dist.group.WORLD
+    world = dist.get_world_size(ep_group)
+    ranks = _group_ranks(ep_group)
+    if dp_mesh is not None:
+        if dp_mesh.ndim != 1 or sorted(dp_mesh.mesh.flatten().tolist()) != ranks:
+            raise ParallelError(
+                f"dp_mesh must be a 1-D mesh over the expert-parallel ranks {ranks}, got "
+                f"{dp_mesh.mesh.tolist()}; replicating expert shards across several expert-parallel "
+                "groups (hybrid EP x DP) is not supported yet"
+            )
+    shard_experts(model, ep_group, grad_scale=1.0 / world, timer=timer)
+    if dp is None:
+        return model
+    experts = expert_parameters(model)
+    device_type = next(iter(experts.values())).device.type
+    if dp_mesh is None:
+        dp_group = dist.new_group(ranks, use_local_synchronization=True)
+        dp_mesh = DeviceMesh.from_group(dp_group, device_type)
+    if dp == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP._set_params_and_buffers_to_ignore_for_model(model, list(experts))
+        device_ids = None
+        if device_type == "cuda":
+            device_ids = [next(iter(experts.values())).device.index]
+        return DDP(model, process_group=dp_mesh.get_group(), device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=dp_mesh, ignored_params=set(experts.values()))
+    return model

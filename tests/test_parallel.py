@@ -1,0 +1,332 @@
+"""Expert parallelism on 2 CPU processes (gloo), checked against single-process results.
+
+One module-scoped run starts two worker processes (this file, run as a script) that join a gloo group
+through a file store (no port to pick, nothing to race for) and run every check in turn; each rank writes
+its verdict per check to a JSON file, and the tests below read them. A hung collective cannot hang the
+suite: the group has a 60 s timeout and the whole run a hard one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import moeify
+from moeify import MoEConfig, MoELayer
+
+WORLD = 2
+RUN_TIMEOUT_S = 180
+TOL = 1e-5
+D, H, T = 8, 12, 10
+
+
+def make_layer(capacity: float | None = None, num_experts: int = 4, seed: int = 0) -> MoELayer:
+    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=num_experts, k=2, activation="silu", gated=True, bias=True,
+                    capacity_factor=capacity)
+    torch.manual_seed(seed)
+    layer = MoELayer(cfg)
+    with torch.no_grad():  # non-zero biases so their gradients and sharding are exercised
+        layer.b1.normal_(std=0.1)
+        layer.b2.normal_(std=0.1)
+    return layer
+
+
+class Tiny(nn.Module):
+    """Replicated params around one MoE layer: what data parallelism must handle next to the experts."""
+
+    def __init__(self, num_experts: int = 4, seed: int = 0, capacity: float | None = None):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(D, D)
+        self.moe = make_layer(capacity, num_experts, seed + 1)
+        torch.manual_seed(seed + 2)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.moe(h))
+
+
+def rank_data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s input tokens [T, D] and a fixed cotangent [T, D] that defines its loss."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+
+
+def probe() -> torch.Tensor:
+    return torch.randn(6, D, generator=torch.Generator().manual_seed(7))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------------------- worker side
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _check_close(what: str, got, want) -> None:
+    diff = max_diff(got, want)
+    if got.shape != want.shape or not diff <= TOL:
+        raise AssertionError(f"{what}: max diff {diff:.3g}, shapes {tuple(got.shape)} {tuple(want.shape)}")
+
+
+def check_ep_layer(rank: int, capacity: float | None, skewed: bool = False) -> None:
+    """ExpertParallel alone (grad_scale 1): sum of the ranks' losses, compared with one process.
+
+    skewed: every token picks experts 0 and 1 (rank 0's), so rank 1 computes nothing and receives no
+    rows; both ranks must still run every exchange, forward and backward.
+    """
+    from moeify.parallel import shard_experts
+
+    ref = make_layer(capacity)
+    data = rank_data
+    if skewed:
+        with torch.no_grad():  # positive inputs, experts 0/1 score +, experts 2/3 score -
+            ref.router.weight.copy_(torch.tensor([1.0, 1.1, -1.0, -1.1]).unsqueeze(1).expand(4, D))
+
+        def data(r):
+            x, cot = rank_data(r)
+            return x.abs() + 0.5, cot
+    ep = copy.deepcopy(ref)
+    shard_experts(ep)
+    names = ["w1", "b1", "w2", "b2"]
+    expert_grads = {n: torch.zeros_like(getattr(ref, n)) for n in names}
+    for s in range(WORLD):  # single process: every rank's batch through the full layer
+        x, cot = data(s)
+        x.requires_grad_(True)
+        out = ref(x)
+        loss = (out * cot).sum() + moeify.aux_loss(ref)
+        grads = torch.autograd.grad(loss, [x, ref.router.weight] + [getattr(ref, n) for n in names])
+        for n, g in zip(names, grads[2:], strict=True):
+            expert_grads[n] += g
+        if s == rank:
+            want_out, want_dx, want_router = out.detach(), grads[0], grads[1]
+    x, cot = data(rank)
+    x.requires_grad_(True)
+    out = ep(x)
+    loss = (out * cot).sum() + moeify.aux_loss(ep)
+    loss.backward()
+    _check_close("output", out, want_out)
+    _check_close("input grad", x.grad, want_dx)
+    _check_close("router grad", ep.router.weight.grad, want_router)
+    L = ep.num_experts // WORLD
+    for n in names:
+        local = getattr(ep, n).grad.to_local()
+        _check_close(f"{n} grad", local, expert_grads[n][rank * L:(rank + 1) * L])
+    sent = int(ep.expert_parallel.last_sent.sum())
+    kept = int((ep.last_stats.tokens_per_expert).sum())
+    if sent != kept:
+        raise AssertionError(f"sent {sent} rows for {kept} kept assignments")
+    if capacity is not None and ep.last_stats.dropped_fraction == 0:
+        raise AssertionError("the capacity case dropped nothing; make the capacity smaller")
+    if skewed and ep.expert_parallel.last_local_load.sum() != (2 * T * WORLD if rank == 0 else 0):
+        raise AssertionError(f"skewed routing: rank {rank} computed {ep.expert_parallel.last_local_load}")
+
+
+def _reference_mean_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Single process: gradients of the mean over ranks of the ranks' losses."""
+    model.zero_grad()
+    for s in range(WORLD):
+        x, cot = rank_data(s)
+        loss = ((model(x) * cot).sum() + moeify.aux_loss(model)) / WORLD
+        loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def check_parallelize(rank: int, dp: str) -> None:
+    """parallelize + DDP/FSDP2: all gradients equal single-process gradients of the mean loss."""
+    from moeify.parallel import clip_grad_norm_, parallelize
+
+    ref = Tiny()
+    want = _reference_mean_grads(ref)
+    want_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want.values()]))
+    par = parallelize(copy.deepcopy(Tiny()), dp=dp)
+    x, cot = rank_data(rank)
+    loss = (par(x) * cot).sum() + moeify.aux_loss(par)
+    loss.backward()
+    inner = par.module if dp == "ddp" else par
+    for name, p in inner.named_parameters():
+        _check_close(f"{name} grad ({dp})", _full(p.grad), want[name])
+    norm = clip_grad_norm_(par.parameters(), max_norm=1e9)
+    if abs(float(norm) - float(want_norm)) > 1e-4 * float(want_norm):
+        raise AssertionError(f"clip_grad_norm_ {float(norm)} vs single-process {float(want_norm)}")
+
+
+def check_checkpoint_save(rank: int, outdir: Path) -> None:
+    """2 ranks train a step, save with DCP; the test process loads it into one plain model."""
+    from moeify.parallel import parallelize, save_checkpoint
+
+    par = parallelize(Tiny(), dp="ddp")
+    opt = torch.optim.AdamW(par.parameters(), lr=1e-2)
+    x, cot = rank_data(rank)
+    ((par(x) * cot).sum() + moeify.aux_loss(par)).backward()
+    opt.step()
+    save_checkpoint(par, outdir / "ckpt2", optimizer=opt)
+    with torch.no_grad():
+        out = par(probe())
+    state = {n: _full(p.detach()) for n, p in par.module.named_parameters()}  # collectives on all ranks
+    exp_avg = {n: _full(opt.state[p]["exp_avg"]) for n, p in par.module.named_parameters()}
+    if rank == 0:
+        torch.save({"out": out, "state": state, "exp_avg": exp_avg}, outdir / "expected2.pt")
+
+
+def check_checkpoint_load(rank: int, outdir: Path) -> None:
+    """A checkpoint written by one plain process loads into the 2-rank parallel model."""
+    from moeify.parallel import load_checkpoint, parallelize
+
+    par = parallelize(Tiny(seed=123), dp="ddp")  # different weights, all overwritten by the load
+    load_checkpoint(par, outdir / "ckpt1")
+    expected = torch.load(outdir / "expected1.pt", weights_only=True)
+    with torch.no_grad():
+        out = par(probe())
+    _check_close("output after 1 -> 2 load", out, expected["out"])
+    L = 4 // WORLD
+    _check_close("w1 shard after 1 -> 2 load", par.module.moe.w1.to_local(),
+                 expected["w1"][rank * L:(rank + 1) * L])
+
+
+def check_not_divisible(rank: int) -> None:
+    from moeify.parallel import ParallelError, parallelize
+
+    try:
+        parallelize(Tiny(num_experts=3))
+    except ParallelError as e:
+        if "not divisible" not in str(e) or "(3)" not in str(e) or "(2)" not in str(e):
+            raise AssertionError(f"unclear message: {e}") from e
+        return
+    raise AssertionError("no error for 3 experts on 2 ranks")
+
+
+def worker(rank: int, outdir: Path) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{outdir / 'store'}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    checks = {
+        "ep_topk": lambda: check_ep_layer(rank, None),
+        "ep_topk_capacity": lambda: check_ep_layer(rank, 0.5),
+        "ep_topk_skewed": lambda: check_ep_layer(rank, None, skewed=True),
+        "parallelize_ddp": lambda: check_parallelize(rank, "ddp"),
+        "parallelize_fsdp": lambda: check_parallelize(rank, "fsdp"),
+        "checkpoint_save": lambda: check_checkpoint_save(rank, outdir),
+        "checkpoint_load": lambda: check_checkpoint_load(rank, outdir),
+        "not_divisible": lambda: check_not_divisible(rank),
+    }
+    results = {}
+    for name, fn in checks.items():
+        start = time.perf_counter()
+        try:
+            fn()
+            results[name] = "ok"
+            print(f"rank {rank}: {name} ok in {time.perf_counter() - start:.2f}s", flush=True)
+        except Exception:  # keep going: one rank failing mid-collective shows up as the group timeout
+            results[name] = traceback.format_exc()
+        (outdir / f"result{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ test side
+@pytest.fixture(scope="module")
+def ep_run(tmp_path_factory):
+    from moeify.parallel import save_checkpoint
+
+    outdir = tmp_path_factory.mktemp("ep")
+    # the single-process checkpoint the workers load (1 -> 2)
+    model = Tiny(seed=5)
+    save_checkpoint(model, outdir / "ckpt1")
+    with torch.no_grad():
+        torch.save({"out": model(probe()), "w1": model.moe.w1.detach().clone()}, outdir / "expected1.pt")
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    if "GLOO_SOCKET_IFNAME" not in env and sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: no dependence on the host's name resolving
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(outdir)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(WORLD)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=RUN_TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"expert-parallel workers did not finish in {RUN_TIMEOUT_S}s")
+    results = []
+    for r in range(WORLD):
+        path = outdir / f"result{r}.json"
+        if not path.exists():
+            pytest.fail(f"rank {r} wrote no results (exit {procs[r].returncode}):\n{logs[r][-3000:]}")
+        results.append(json.loads(path.read_text()))
+    return outdir, results, logs
+
+
+def _verdict(ep_run, check: str) -> None:
+    _, results, logs = ep_run
+    for r, res in enumerate(results):
+        if check not in res:
+            pytest.fail(f"rank {r} did not reach {check}:\n{logs[r][-3000:]}")
+        assert res[check] == "ok", f"rank {r}, {check}:\n{res[check]}"
+
+
+@pytest.mark.parametrize("check", ["ep_topk", "ep_topk_capacity", "ep_topk_skewed"])
+def test_expert_parallel_matches_single_process(ep_run, check):
+    _verdict(ep_run, check)
+
+
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_parallelize_gradients_match_single_process(ep_run, dp):
+    _verdict(ep_run, f"parallelize_{dp}")
+
+
+def test_checkpoint_two_ranks_to_one_process(ep_run):
+    from moeify.parallel import load_checkpoint
+
+    _verdict(ep_run, "checkpoint_save")
+    outdir = ep_run[0]
+    expected = torch.load(outdir / "expected2.pt", weights_only=True)
+    model = Tiny(seed=99)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_checkpoint(model, outdir / "ckpt2", optimizer=opt)
+    for name, p in model.named_parameters():
+        assert max_diff(p, expected["state"][name]) == 0, name
+        assert max_diff(opt.state[p]["exp_avg"], expected["exp_avg"][name]) == 0, name
+    with torch.no_grad():
+        assert max_diff(model(probe()), expected["out"]) <= TOL
+
+
+def test_checkpoint_one_process_to_two_ranks(ep_run):
+    _verdict(ep_run, "checkpoint_load")
+
+
+def test_not_divisible_clear_error(ep_run):
+    _verdict(ep_run, "not_divisible")
+
+
+def test_parallelize_needs_process_group():
+    from moeify.parallel import ParallelError
+
+    with pytest.raises(ParallelError, match="init_process_group"):
+        moeify.parallelize(Tiny())
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), Path(sys.argv[2]))
