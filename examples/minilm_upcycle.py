@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Upcycle all-MiniLM-L6-v2 to an MoE; check embeddings in "
                                             "PyTorch and ONNX Runtime.")
     p.add_argument("--model-dir", type=Path, help=f"HF model directory (default: the one in {PACKAGE})")
-    p.add_argument("--out", type=Path, default=Path("minilm_moe_out"), help="where the ONNX file and PNG go")
+    p.add_argument("--out", type=Path, default=Path("out/minilm"), help="where the ONNX file and PNG go")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="3 sentences (CI smoke test; use with --model-dir)")

@@ -118,7 +118,7 @@ def write_json(path: Path, data: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and a few steps (CI smoke test)")
-    p.add_argument("--out", type=Path, default=Path("upcycle_gpt_out"), help="where PNGs and results go")
+    p.add_argument("--out", type=Path, default=Path("out/upcycle_gpt"), help="where PNGs and results go")
     p.add_argument("--pretrain-steps", type=int, help="override the preset's pretraining steps")
     p.add_argument("--extra-steps", type=int, help="override the preset's continuation steps")
     p.add_argument("--batch-size", type=int, help="override the preset's batch size (sequences per step)")
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     pngs = [out / "loss_vs_compute.png", out / "expert_load.png"]
     axes = [("tokens", "extra training tokens (bytes)"), ("flops", "extra training FLOPs"),
             ("seconds", "extra training wall time (s)")]
-    loss_curves(results["runs"], axes,
+    loss_curves(results["runs"], axes, ylabel="held-out loss (nats/byte)",
                 path=pngs[0], title=f"Continuing a pretrained dense GPT: dense vs upcycled MoE (E={EXPERTS}, "
                                     f"k={TOP_K}); held-out = stdlib files never trained on")
     expert_load_heatmap(final_stats, pngs[1], title="Expert load per layer after continued training "

@@ -121,7 +121,9 @@ def expert_load_heatmap(stats: Mapping[str, RoutingStats | Tensor | Sequence[flo
     if E <= 16:
         for i in range(L):
             for j in range(E):
-                ax.text(j, i, f"{loads[i, j].item():.0%}", ha="center", va="center", fontsize=7)
+                dark = ratio[i, j] < 0.35 or ratio[i, j] > 0.75 * norm.vmax  # saturated cell: white text
+                ax.text(j, i, f"{loads[i, j].item():.0%}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
     summaries = [summarize_load(row) for row in loads]
     for i, s in enumerate(summaries):
         flag = "  COLLAPSED" if s.balance < 0.5 or s.dead_experts >= E // 2 else ""
