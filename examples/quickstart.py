@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. find: which blocks are FFNs (d_model -> d_ff -> d_model with an activation between)
     matches = moeify.find_ffns(model)
     for m in matches:
-        print(f"found FFN {m.path}: d_model={m.d_model}, d_ff={m.d_ff}, activation={m.activation}")
+        print(f"found FFN {m.name}: d_model={m.d_model}, d_ff={m.d_ff}, activation={m.activation}")
 
     # 2. convert: each FFN becomes an MoE layer with 4 experts, top-2, every expert a copy of the FFN.
     #    With copies (and top-k weights renormalised to sum to 1) the model computes what it did before.

@@ -57,13 +57,10 @@ PRESETS = {
 }
 
 
-def upcycle(model: torch.nn.Module, init: str) -> torch.nn.Module:
+def upcycle(model: torch.nn.Module, init: str, seed: int) -> torch.nn.Module:
     """Every MLP of `model` -> an MoE with EXPERTS experts, top-TOP_K, initialised from the MLP by `init`."""
-    if init == "drop":
-        result = moeify.convert(model, experts=EXPERTS, k=TOP_K, init="drop", drop_rate=DROP_RATIO)
-    else:
-        result = moeify.convert(model, experts=EXPERTS, k=TOP_K, init=init)
-    model = result[0] if isinstance(result, tuple) else result
+    recipe = {"init": "drop", "drop_rate": DROP_RATIO} if init == "drop" else init
+    model = moeify.convert(model, experts=EXPERTS, k=TOP_K, init=recipe, seed=seed)
     moe_layers = [m for m in model.modules() if isinstance(m, moeify.MoELayer)]
     if len(moe_layers) != model.config.n_layer:
         raise RuntimeError(f"expected {model.config.n_layer} MoE layers after convert, "
@@ -195,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(torch.load(ckpt, weights_only=True))
         if init is not None:
             torch.manual_seed(args.seed + 1)  # the same router init (and drop draws) whatever ran before
-            model = upcycle(model, init)
+            model = upcycle(model, init, seed=args.seed)
         history = LoadHistory() if init is not None else None
         fpt = flops_per_token(model, cfg.n_layer, cfg.context, cfg.d_model)
         print(f"{name}: {active_params_per_token(model):,d} active params/token, "

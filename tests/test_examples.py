@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import moeify
+from moeify.plot import LoadHistory
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -87,7 +88,7 @@ def test_train_lowers_loss_and_records_curve_and_load():
     data = torch.randint(0, 8, (2000,), dtype=torch.uint8)  # 8 symbols: easy to learn fast
     sampler = stdlib_corpus.BatchSampler(data, 8, TINY.context, seed=0)
     eval_set = stdlib_corpus.eval_batches(data, 8, TINY.context, 8)
-    history = moeify.plot.LoadHistory()
+    history = LoadHistory()
     settings = gpt_training.TrainSettings(steps=8, lr=1e-2, warmup=2, eval_every=4, record_load_every=2)
     curve = gpt_training.train(model, sampler, settings, eval_set, lm_loss, tokens_flops=100,
                                history=history, log=lambda s: None)
