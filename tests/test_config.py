@@ -48,8 +48,10 @@ BAD = [
     (dict(router="switch"), ["unknown router 'switch'", "valid: " + ", ".join(sorted(ROUTERS))]),
     (dict(router=None), ["unknown router None"]),
     (dict(router=["topk"]), ["unknown router"]),
-    (dict(activation="tanh"), ["unknown activation 'tanh'",
-                               "valid: gelu, gelu_tanh, identity, quick_gelu, relu, silu"]),
+    (
+        dict(activation="tanh"),
+        ["unknown activation 'tanh'", "valid: gelu, gelu_tanh, identity, quick_gelu, relu, silu"],
+    ),
     (dict(score_fn="sparsemax"), ["unknown score_fn 'sparsemax'", "softmax", "sigmoid"]),
     (dict(gated="yes"), ["gated", "true or false"]),
     (dict(bias=1), ["bias", "true or false"]),
@@ -80,13 +82,23 @@ def test_bad_field_names_the_field_and_the_fix(changes, words):
     assert "\n" not in message  # one line
 
 
-@pytest.mark.parametrize("changes", [
-    dict(k=8), dict(num_experts=1, k=1), dict(capacity_factor=1), dict(capacity_factor=0.25),
-    dict(capacity_factor=None), dict(jitter_noise=0.01), dict(shared_d_ff=4, num_shared_experts=2),
-    dict(router_dtype="float64"), dict(score_fn="sigmoid", normalize=False),
-    *[dict(router=name) for name in sorted(ROUTERS)],
-    *[dict(activation=a) for a in ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "identity")],
-], ids=str)
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(k=8),
+        dict(num_experts=1, k=1),
+        dict(capacity_factor=1),
+        dict(capacity_factor=0.25),
+        dict(capacity_factor=None),
+        dict(jitter_noise=0.01),
+        dict(shared_d_ff=4, num_shared_experts=2),
+        dict(router_dtype="float64"),
+        dict(score_fn="sigmoid", normalize=False),
+        *[dict(router=name) for name in sorted(ROUTERS)],
+        *[dict(activation=a) for a in ("relu", "gelu", "gelu_tanh", "silu", "quick_gelu", "identity")],
+    ],
+    ids=str,
+)
 def test_good_values_are_accepted(changes):
     make(**changes)
 
@@ -108,10 +120,27 @@ def test_config_is_frozen_and_replace_revalidates():
 
 
 def test_json_round_trip():
-    c = make(num_experts=6, k=3, router="expert_choice", activation="silu", gated=True, bias=False,
-             capacity_factor=1.25, jitter_noise=0.01, slots_per_expert=2, sinkhorn_iters=5,
-             random_eval_rule="mean", hash_seed=42, num_shared_experts=1, shared_d_ff=12, aux_loss_coef=0.02,
-             z_loss_coef=0.0, score_fn="sigmoid", normalize=False, router_dtype="float64")
+    c = make(
+        num_experts=6,
+        k=3,
+        router="expert_choice",
+        activation="silu",
+        gated=True,
+        bias=False,
+        capacity_factor=1.25,
+        jitter_noise=0.01,
+        slots_per_expert=2,
+        sinkhorn_iters=5,
+        random_eval_rule="mean",
+        hash_seed=42,
+        num_shared_experts=1,
+        shared_d_ff=12,
+        aux_loss_coef=0.02,
+        z_loss_coef=0.0,
+        score_fn="sigmoid",
+        normalize=False,
+        router_dtype="float64",
+    )
     text = c.to_json()
     again = moeify.MoEConfig.from_json(text)
     assert again == c

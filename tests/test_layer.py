@@ -81,8 +81,9 @@ def assert_fast_matches_reference(layer: moeify.MoELayer, x: torch.Tensor, token
     torch.testing.assert_close(gx_f, gx_r, **tol, msg=lambda m: f"x grad differs: {m}")
     assert g_f.keys() == g_r.keys()
     for name in g_r:
-        torch.testing.assert_close(g_f[name], g_r[name], **tol,
-                                   msg=lambda m, n=name: f"{n} grad differs: {m}")
+        torch.testing.assert_close(
+            g_f[name], g_r[name], **tol, msg=lambda m, n=name: f"{n} grad differs: {m}"
+        )
     # the statistics do not depend on the implementation either
     torch.testing.assert_close(fast.last_stats.tokens_per_expert, ref.last_stats.tokens_per_expert)
     assert fast.last_stats.dropped_fraction == ref.last_stats.dropped_fraction
@@ -91,8 +92,9 @@ def assert_fast_matches_reference(layer: moeify.MoELayer, x: torch.Tensor, token
 
 def check_case(case: str, activation: str, gated: bool, bias: bool, shared: int) -> None:
     fields, train, with_ids = ROUTER_CASES[case]
-    layer = make_layer(**fields, activation=activation, gated=gated, bias=bias, num_shared_experts=shared,
-                       shared_d_ff=H // 2)
+    layer = make_layer(
+        **fields, activation=activation, gated=gated, bias=bias, num_shared_experts=shared, shared_d_ff=H // 2
+    )
     layer.train(train)
     x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(3))  # T = 12 tokens
     ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(4)) if with_ids else None
@@ -188,8 +190,9 @@ def test_dropped_tokens_get_zero_routed_output_and_are_reported():
 
 
 def test_routing_stats_per_layer():
-    model = nn.Sequential(make_layer(router="topk", seed=1), nn.ReLU(),
-                          make_layer(router="expert_choice", seed=2))
+    model = nn.Sequential(
+        make_layer(router="topk", seed=1), nn.ReLU(), make_layer(router="expert_choice", seed=2)
+    )
     assert moeify.routing_stats(model) == {}  # nothing ran yet
     model(torch.randn(3, 4, D))
     stats = moeify.routing_stats(model)
@@ -261,8 +264,11 @@ def test_shared_experts_add_a_dense_ffn():
 
 
 def test_eval_mode_random_and_balanced_layers_are_deterministic():
-    for fields in (dict(router="random"), dict(router="random", random_eval_rule="mean"),
-                   dict(router="balanced")):
+    for fields in (
+        dict(router="random"),
+        dict(router="random", random_eval_rule="mean"),
+        dict(router="balanced"),
+    ):
         layer = make_layer(**fields).eval()
         x = torch.randn(12, D)
         torch.manual_seed(0)
@@ -274,10 +280,16 @@ def test_eval_mode_random_and_balanced_layers_are_deterministic():
 # ------------------------------------------------------------------------------------------- causal
 
 
-@pytest.mark.parametrize("fields", [
-    dict(router="expert_choice"), dict(router="soft"), dict(router="balanced"),
-    dict(router="topk", capacity_factor=1.25),
-], ids=str)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(router="expert_choice"),
+        dict(router="soft"),
+        dict(router="balanced"),
+        dict(router="topk", capacity_factor=1.25),
+    ],
+    ids=str,
+)
 def test_token_mixing_routers_are_refused_in_a_causal_decoder(fields):
     config = moeify.MoEConfig(d_model=D, d_ff=H, num_experts=E, **fields)
     with pytest.raises(moeify.ConfigError, match="causal"):
@@ -357,4 +369,3 @@ def test_shared_router_survives_state_dict_round_trip():
     dst.load_state_dict(src.state_dict())
     assert dst[0].router is dst[1].router
     torch.testing.assert_close(dst[1].router.weight, src[0].router.weight)
-

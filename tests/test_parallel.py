@@ -31,8 +31,16 @@ D, H, T = 8, 12, 10
 
 
 def make_layer(capacity: float | None = None, num_experts: int = 4, seed: int = 0) -> MoELayer:
-    cfg = MoEConfig(d_model=D, d_ff=H, num_experts=num_experts, k=2, activation="silu", gated=True, bias=True,
-                    capacity_factor=capacity)
+    cfg = MoEConfig(
+        d_model=D,
+        d_ff=H,
+        num_experts=num_experts,
+        k=2,
+        activation="silu",
+        gated=True,
+        bias=True,
+        capacity_factor=capacity,
+    )
     torch.manual_seed(seed)
     layer = MoELayer(cfg)
     with torch.no_grad():  # non-zero biases so their gradients and sharding are exercised
@@ -101,6 +109,7 @@ def check_ep_layer(rank: int, capacity: float | None, skewed: bool = False) -> N
         def data(r):
             x, cot = rank_data(r)
             return x.abs() + 0.5, cot
+
     ep = copy.deepcopy(ref)
     shard_experts(ep)
     names = ["w1", "b1", "w2", "b2"]
@@ -126,7 +135,7 @@ def check_ep_layer(rank: int, capacity: float | None, skewed: bool = False) -> N
     L = ep.num_experts // WORLD
     for n in names:
         local = getattr(ep, n).grad.to_local()
-        _check_close(f"{n} grad", local, expert_grads[n][rank * L:(rank + 1) * L])
+        _check_close(f"{n} grad", local, expert_grads[n][rank * L : (rank + 1) * L])
     sent = int(ep.expert_parallel.last_sent.sum())
     kept = int((ep.last_stats.tokens_per_expert).sum())
     if sent != kept:
@@ -195,8 +204,9 @@ def check_checkpoint_load(rank: int, outdir: Path) -> None:
         out = par(probe())
     _check_close("output after 1 -> 2 load", out, expected["out"])
     L = 4 // WORLD
-    _check_close("w1 shard after 1 -> 2 load", par.module.moe.w1.to_local(),
-                 expected["w1"][rank * L:(rank + 1) * L])
+    _check_close(
+        "w1 shard after 1 -> 2 load", par.module.moe.w1.to_local(), expected["w1"][rank * L : (rank + 1) * L]
+    )
 
 
 def check_not_divisible(rank: int) -> None:
@@ -217,8 +227,13 @@ def worker(rank: int, outdir: Path) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{outdir / 'store'}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{outdir / 'store'}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     checks = {
         "ep_topk": lambda: check_ep_layer(rank, None),
         "ep_topk_capacity": lambda: check_ep_layer(rank, 0.5),
@@ -255,13 +270,25 @@ def ep_run(tmp_path_factory):
     with torch.no_grad():
         torch.save({"out": model(probe()), "w1": model.moe.w1.detach().clone()}, outdir / "expected1.pt")
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     if "GLOO_SOCKET_IFNAME" not in env and sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: no dependence on the host's name resolving
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(outdir)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), str(outdir)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
     logs = []
     try:
         for p in procs:

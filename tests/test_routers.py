@@ -224,15 +224,18 @@ def test_z_loss_known_value():
 # ------------------------------------------------------------------------------------------- expert choice
 
 
-@pytest.mark.parametrize("cf, k, t, expected", [
-    (None, 2, 12, 6),  # default 1.0: ceil(12 * 2 / 4)
-    (1.0, 1, 12, 3),
-    (0.5, 1, 10, 2),  # ceil(1.25)
-    (2.0, 2, 12, 12),
-    (4.0, 2, 12, 12),  # capped at T
-    (1.0, 1, 1, 1),
-    (1.0, 1, 0, 0),
-])
+@pytest.mark.parametrize(
+    "cf, k, t, expected",
+    [
+        (None, 2, 12, 6),  # default 1.0: ceil(12 * 2 / 4)
+        (1.0, 1, 12, 3),
+        (0.5, 1, 10, 2),  # ceil(1.25)
+        (2.0, 2, 12, 12),
+        (4.0, 2, 12, 12),  # capped at T
+        (1.0, 1, 1, 1),
+        (1.0, 1, 0, 0),
+    ],
+)
 def test_expert_choice_capacity_formula(cf, k, t, expected):
     assert expert_choice_capacity(t, k, E, cf) == expected
 

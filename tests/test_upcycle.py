@@ -44,8 +44,15 @@ def make_dense(activation="gelu", gated=True, bias=True, seed=0) -> DenseFFN:
 
 
 def make_layer(ucfg: UpcycleConfig, ffn: DenseFFN, **moe) -> moeify.MoELayer:
-    cfg = moeify.MoEConfig(d_model=D, d_ff=expert_d_ff(ucfg, H, E), num_experts=E,
-                           activation=ffn.activation, gated=ffn.gated, bias=ffn.b1 is not None, **moe)
+    cfg = moeify.MoEConfig(
+        d_model=D,
+        d_ff=expert_d_ff(ucfg, H, E),
+        num_experts=E,
+        activation=ffn.activation,
+        gated=ffn.gated,
+        bias=ffn.b1 is not None,
+        **moe,
+    )
     return moeify.MoELayer(cfg).eval()
 
 
@@ -104,8 +111,11 @@ def test_preservation_claims_hold_over_routing_grid():
     x = torch.randn(40, D)
     calib, _, _ = clustered_points()
     claimed = 0
-    inits = [UpcycleConfig(init="copy"), UpcycleConfig(init="split"),
-             *[UpcycleConfig(init="granular", granularity=g) for g in (1, 2, 4)]]
+    inits = [
+        UpcycleConfig(init="copy"),
+        UpcycleConfig(init="split"),
+        *[UpcycleConfig(init="granular", granularity=g) for g in (1, 2, 4)],
+    ]
     for base, router_init in itertools.product(inits, ("random", "zeros", "kmeans")):
         ucfg = base.replace(router_init=router_init)
         grid = itertools.product(range(1, E + 1), (True, False), ("softmax", "sigmoid"))
@@ -118,14 +128,18 @@ def test_preservation_claims_hold_over_routing_grid():
     assert claimed > 50
 
 
-@pytest.mark.parametrize("ucfg,moe", [
-    (UpcycleConfig(init="copy"), dict(k=2, normalize=False)),  # top-2 softmax weights sum to < 1
-    (UpcycleConfig(init="split", router_init="random"), dict(k=E)),  # unequal expert weights
-    (UpcycleConfig(init="split"), dict(k=2)),  # half the neurons missing
-    (UpcycleConfig(init="granular", granularity=2), dict(k=2, normalize=False)),
-    (UpcycleConfig(init="noise", noise_std=0.05), dict(k=2)),
-    (UpcycleConfig(init="drop"), dict(k=2)),
-], ids=lambda v: str(v) if isinstance(v, dict) else v.init)
+@pytest.mark.parametrize(
+    "ucfg,moe",
+    [
+        (UpcycleConfig(init="copy"), dict(k=2, normalize=False)),  # top-2 softmax weights sum to < 1
+        (UpcycleConfig(init="split", router_init="random"), dict(k=E)),  # unequal expert weights
+        (UpcycleConfig(init="split"), dict(k=2)),  # half the neurons missing
+        (UpcycleConfig(init="granular", granularity=2), dict(k=2, normalize=False)),
+        (UpcycleConfig(init="noise", noise_std=0.05), dict(k=2)),
+        (UpcycleConfig(init="drop"), dict(k=2)),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else v.init,
+)
 def test_unclaimed_setups_differ(ucfg, moe):
     ffn = make_dense()
     layer, _ = upcycled(ucfg, ffn, **moe)
@@ -162,6 +176,7 @@ def test_shared_experts_add_nothing_at_init():
 
 
 # --- what the non-preserving strategies change ----------------------------------------------------------
+
 
 def test_noise_moves_weights_by_the_requested_relative_std():
     ffn = make_dense(gated=True, bias=True)
@@ -216,8 +231,9 @@ def test_drop_redraws_from_the_dense_statistics():
     assert not torch.equal(w[0], w[1])
 
 
-@pytest.mark.parametrize("method,with_calibration", [("random", False), ("cluster", False),
-                                                     ("cluster", True)])
+@pytest.mark.parametrize(
+    "method,with_calibration", [("random", False), ("cluster", False), ("cluster", True)]
+)
 def test_split_partitions_every_neuron_exactly_once(method, with_calibration):
     ffn = make_dense(gated=True, bias=True)
     calib = torch.randn(3, 20, D) if with_calibration else None
@@ -289,6 +305,7 @@ def test_expert_d_ff_per_strategy():
 
 # --- router init ------------------------------------------------------------------------------------
 
+
 def test_kmeans_router_rows_are_cluster_centroids():
     x, labels, centers = clustered_points()
     ffn = make_dense()
@@ -314,8 +331,9 @@ def test_kmeans_router_rows_are_cluster_centroids():
 
 def test_kmeans_router_ties_virtual_groups_for_granular():
     x, _, _ = clustered_points(clusters=2)
-    layer, _ = upcycled(UpcycleConfig(init="granular", granularity=2, router_init="kmeans"), make_dense(), x,
-                        k=2)
+    layer, _ = upcycled(
+        UpcycleConfig(init="granular", granularity=2, router_init="kmeans"), make_dense(), x, k=2
+    )
     w = layer.router.weight.detach()
     assert torch.equal(w[0], w[1]) and torch.equal(w[2], w[3])
     assert float(torch.dot(w[0], w[2])) < 0.5  # two different centroids
@@ -345,13 +363,18 @@ def test_kmeans_helpers():
 
 # --- reproducibility ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ucfg", [
-    UpcycleConfig(init="noise"),
-    UpcycleConfig(init="drop"),
-    UpcycleConfig(init="split", split_method="random", router_init="random"),
-    UpcycleConfig(init="split", split_method="cluster", router_init="kmeans"),
-    UpcycleConfig(init="granular", granularity=2),
-], ids=lambda c: f"{c.init}-{c.split_method}-{c.router_init}")
+
+@pytest.mark.parametrize(
+    "ucfg",
+    [
+        UpcycleConfig(init="noise"),
+        UpcycleConfig(init="drop"),
+        UpcycleConfig(init="split", split_method="random", router_init="random"),
+        UpcycleConfig(init="split", split_method="cluster", router_init="kmeans"),
+        UpcycleConfig(init="granular", granularity=2),
+    ],
+    ids=lambda c: f"{c.init}-{c.split_method}-{c.router_init}",
+)
 def test_seed_and_key_make_results_reproducible(ucfg):
     ffn = make_dense()
     calib, _, _ = clustered_points()
@@ -370,30 +393,40 @@ def test_seed_and_key_make_results_reproducible(ucfg):
 
 # --- config and fit ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(init="sparse"), "unknown upcycling init 'sparse'; valid: copy, noise, drop, split, granular, none"),
-    (dict(init="drop", drop_rate=1.5), r"drop_rate must be in \[0, 1\]"),
-    (dict(init="drop", drop_rate=-0.1), r"drop_rate must be in \[0, 1\]"),
-    (dict(init="noise", noise_std=-1.0), "noise_std must be a finite number >= 0"),
-    (dict(init="noise", noise_std=float("nan")), "noise_std must be a finite number >= 0"),
-    (dict(init="granular", granularity=0), "granularity must be an integer >= 1"),
-    (dict(init="split", split_method="kmeans"), "unknown split_method 'kmeans'; valid: random, cluster"),
-    (dict(router_init="learned"), "unknown router_init 'learned'; valid: random, zeros, kmeans"),
-    (dict(init="copy", granularity=2), "granularity=2 is only used by init='granular', not init='copy'"),
-    (dict(init="split", drop_rate=0.2), "drop_rate=0.2 is only used by init='drop'"),
-    (dict(seed=1.5), "seed must be an integer"),
-    (dict(kmeans_iters=0), "kmeans_iters must be an integer >= 1"),
-    (dict(version=99), "UpcycleConfig version 99 is not supported"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(init="sparse"),
+            "unknown upcycling init 'sparse'; valid: copy, noise, drop, split, granular, none",
+        ),
+        (dict(init="drop", drop_rate=1.5), r"drop_rate must be in \[0, 1\]"),
+        (dict(init="drop", drop_rate=-0.1), r"drop_rate must be in \[0, 1\]"),
+        (dict(init="noise", noise_std=-1.0), "noise_std must be a finite number >= 0"),
+        (dict(init="noise", noise_std=float("nan")), "noise_std must be a finite number >= 0"),
+        (dict(init="granular", granularity=0), "granularity must be an integer >= 1"),
+        (dict(init="split", split_method="kmeans"), "unknown split_method 'kmeans'; valid: random, cluster"),
+        (dict(router_init="learned"), "unknown router_init 'learned'; valid: random, zeros, kmeans"),
+        (dict(init="copy", granularity=2), "granularity=2 is only used by init='granular', not init='copy'"),
+        (dict(init="split", drop_rate=0.2), "drop_rate=0.2 is only used by init='drop'"),
+        (dict(seed=1.5), "seed must be an integer"),
+        (dict(kmeans_iters=0), "kmeans_iters must be an integer >= 1"),
+        (dict(version=99), "UpcycleConfig version 99 is not supported"),
+    ],
+)
 def test_config_validation_messages(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         UpcycleConfig(**kwargs)
 
 
 def test_config_json_round_trip():
-    for cfg in (UpcycleConfig(), UpcycleConfig(init="drop", drop_rate=0.25, seed=7),
-                UpcycleConfig(init="split", split_method="cluster", router_init="kmeans"),
-                UpcycleConfig(init="granular", granularity=4, router_std=0.01)):
+    for cfg in (
+        UpcycleConfig(),
+        UpcycleConfig(init="drop", drop_rate=0.25, seed=7),
+        UpcycleConfig(init="split", split_method="cluster", router_init="kmeans"),
+        UpcycleConfig(init="granular", granularity=4, router_std=0.01),
+    ):
         assert UpcycleConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
         assert UpcycleConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="unknown UpcycleConfig field"):
@@ -413,11 +446,13 @@ def test_layer_must_fit_the_dense_ffn():
     with pytest.raises(UpcycleError, match="bias=False"):
         upcycle_layer(moeify.MoELayer(moeify.MoEConfig(d_ff=H, bias=False, **base)), dense, UpcycleConfig())
     with pytest.raises(UpcycleError, match="gated=True"):
-        upcycle_layer(moeify.MoELayer(moeify.MoEConfig(d_ff=H, **{**base, "gated": False})), dense,
-                      UpcycleConfig())
+        upcycle_layer(
+            moeify.MoELayer(moeify.MoEConfig(d_ff=H, **{**base, "gated": False})), dense, UpcycleConfig()
+        )
     with pytest.raises(UpcycleError, match="needs 2H"):
-        DenseFFNWeights(w1=torch.zeros(H, D), b1=None, w2=torch.zeros(D, H), b2=None, activation="silu",
-                        gated=True)
+        DenseFFNWeights(
+            w1=torch.zeros(H, D), b1=None, w2=torch.zeros(D, H), b2=None, activation="silu", gated=True
+        )
 
 
 def test_dense_without_bias_into_layer_with_bias():

@@ -1,0 +1,101 @@
+"""`ConversionReport`: what `convert` did, in numbers, attached to the converted model.
+
+Parameter counts are over unique parameters (a shared layer counts once). "Active per token" is every
+parameter except the experts a token does not run: a token-choice router runs k of E experts per
+token, so each MoE layer contributes router + shared experts + k experts; the rest of the model is
+dense and fully active. (Soft MoE runs every expert on its slots: E; balanced is top-1: 1; expert choice
+runs cf*k experts per token on average.)
+
+`options` is JSON-able and rebuilds the structure: `convert(fresh_model, **report.options, init="none")`
+gives a model whose `state_dict` has the same keys and shapes, so the converted weights load into it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from moeify.errors import MoeifyError
+
+REPORT_ATTR = "_moeify_report"
+
+
+@dataclass(frozen=True)
+class FFNReport:
+    name: str
+    d_model: int
+    d_ff: int  # the dense FFN's hidden width
+    expert_d_ff: int  # each expert's hidden width
+    activation: str
+    gated: bool
+    num_experts: int
+    k: int
+    router: str
+    causal: bool
+    rewrite: str  # "module" | "chain" | "forward" (see passes/plan.py)
+    params_before: int  # the dense FFN's weights and biases
+    params_after: int  # the MoE layer's (experts, router, shared experts)
+    active_params_per_token: int  # router + shared + k experts
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    ffns: tuple[FFNReport, ...]
+    found: int  # FFNs found (before selection)
+    params_before: int  # whole model
+    params_after: int
+    active_params_per_token: int
+    options: dict  # JSON-able keyword arguments of convert that rebuild the structure (init excluded)
+    init: str | dict  # the init used
+    converted: tuple[str, ...]  # names (module paths) of the converted FFNs
+    passes: tuple[str, ...]  # one count line per pass
+
+    @property
+    def summary(self) -> str:
+        return f"{len(self.ffns)}/{self.found} FFNs converted"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ffns"] = [asdict(f) for f in self.ffns]
+        d["converted"] = list(self.converted)
+        d["passes"] = list(self.passes)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def __str__(self) -> str:
+        lines = [self.summary, *self.passes]
+        lines.append(
+            f"{'FFN':<44} {'D':>6} {'H':>6} {'H/exp':>6} {'act':<11} {'E':>3} {'k':>2} "
+            f"{'before':>10} {'after':>10} {'active':>10}"
+        )
+        for f in self.ffns:
+            act = f.activation + ("*" if f.gated else "")
+            lines.append(
+                f"{(f.name or '<model>')[:44]:<44} {f.d_model:>6} {f.d_ff:>6} {f.expert_d_ff:>6} {act:<11} "
+                f"{f.num_experts:>3} {f.k:>2} {f.params_before:>10,} {f.params_after:>10,} "
+                f"{f.active_params_per_token:>10,}"
+            )
+        lines.append(
+            f"model: {self.params_before:,} -> {self.params_after:,} parameters, "
+            f"{self.active_params_per_token:,} active per token  (* = gated)"
+        )
+        return "\n".join(lines)
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """The report `moeify.convert` attached to `model`."""
+    report = getattr(model, REPORT_ATTR, None)
+    if report is None:
+        raise MoeifyError(
+            f"this {type(model).__name__} was not converted by moeify.convert (no report attached); "
+            "convert it with moeify.convert(model, ...) first"
+        )
+    return report
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,102 @@
+"""Calibration: run the (still dense) model on example inputs and keep what each FFN saw.
+
+Used by calibration-based upcycling (k-means router init, clustered neuron split). For every selected
+FFN it records its input x [N, D] (all leading dims flattened; every call of a shared FFN is kept).
+The up projection gets a forward pre-hook when it is a module; an FFN written with F.linear gets a
+temporary copy of its traced method that records x, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from passes.analyse import Site
+from passes.rewrite import install_method
+
+Tensor = torch.Tensor
+
+
+class _Recorder(nn.Module):
+    def __init__(self, sink: list):
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, x):
+        self.sink.append(x.detach().reshape(-1, x.shape[-1]))
+        return x
+
+
+def _pre_hook(sink: list):
+    def hook(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        sink.append(x.detach().reshape(-1, x.shape[-1]))
+
+    return hook
+
+
+def _not(node):
+    return lambda user: user is not node
+
+
+def _call(model: nn.Module, inputs) -> None:
+    if isinstance(inputs, dict):
+        model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        model(*inputs)
+    else:
+        model(inputs)
+
+
+@torch.no_grad()
+def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tensor]:
+    """FFN name -> its inputs [N, D] over one forward of `model` on `inputs` (a tensor, tuple or dict)."""
+    sinks: dict[str, list] = {s.match.name: [] for s in sites}
+    hooks, patched, recorders, copies = [], [], [], {}
+    was_training = model.training
+    try:
+        for site in sites:
+            cand, sink = site.cand, sinks[site.match.name]
+            if cand.up.op == "call_module":
+                up = cand.cap.modules[cand.up.target]
+                hooks.append(up.register_forward_pre_hook(_pre_hook(sink), with_kwargs=True))
+                continue
+            # F.linear on parameters: a recording copy of the traced method, for this forward only
+            key = (id(cand.cap.module), cand.cap.method)
+            if key not in copies:  # one copy per traced method, however many FFNs it holds
+                graph = copy.deepcopy(cand.cap.graph, memo={})
+                copies[key] = (
+                    cand.cap.module,
+                    cand.cap.method,
+                    graph,
+                    dict(zip(cand.cap.graph.nodes, graph.nodes, strict=True)),
+                )
+            host, _, graph, node_map = copies[key]
+            x = node_map[cand.x]
+            name = f"_moeify_record_{len(recorders)}"
+            host.add_module(name, _Recorder(sink))
+            recorders.append((host, name))
+            with graph.inserting_after(x):
+                rec = graph.call_module(name, (x,))
+            x.replace_all_uses_with(rec, delete_user_cb=_not(rec))
+        for host, method, graph, _ in copies.values():
+            patched.append((host, method, host.__dict__.get(method)))
+            install_method(host, method, graph)
+        model.eval()
+        _call(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for host, method, previous in patched:
+            del host.__dict__[method]
+            if previous is not None:
+                host.__dict__[method] = previous
+        for host, name in recorders:
+            delattr(host, name)
+        model.train(was_training)
+    return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in sinks.items()}
+
+
+__all__ = ["record_inputs"]

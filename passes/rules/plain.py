@@ -1,0 +1,43 @@
+"""Rule `plain`: down(dropout?(act(up(x)))) -- BERT, GPT-2, T5 v1.0, ViT, nn.TransformerEncoderLayer.
+
+Pattern: a linear-like `down` whose input is, past dropouts and casts, an elementwise activation of a
+linear-like `up`. Check: the common ones, plus up's width must be down's input width.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from passes.capture import Captured
+from passes.rules.common import Candidate, activation_node, common_check, first_input, linear_ref, skip_back
+
+NAME = "plain"
+REWRITES = ("module", "chain", "forward")
+
+
+def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
+    down_ref = linear_ref(down, cap)
+    if down_ref is None:
+        return None
+    act, between = skip_back(first_input(down), cap)
+    is_act, name, display = activation_node(act, cap)
+    if not is_act:
+        return None
+    up, casts = skip_back(first_input(act), cap)
+    up_ref = linear_ref(up, cap)
+    if up_ref is None:
+        return None
+    x = first_input(up)
+    if x is None:
+        return None
+    body = [up, *reversed(casts), act, *reversed(between), down]
+    return Candidate(NAME, cap, x, down, down_ref, up, up_ref, act, name, display, body=body)
+
+
+def check(c: Candidate) -> str | None:
+    if c.up_ref.out_features != c.down_ref.in_features:
+        return (
+            f"the up projection gives {c.up_ref.out_features} features but the down projection takes "
+            f"{c.down_ref.in_features} [{c.label}]"
+        )
+    return common_check(c)
