@@ -9,7 +9,7 @@
    and against extra wall time; print a table; save PNGs (loss curves, expert load per layer, load over
    training steps) and results.json.
 
-    PYTHONPATH=. python examples/upcycle_gpt.py            # the experiment (about 15-20 min on 2 cores)
+    PYTHONPATH=. python examples/upcycle_gpt.py            # the experiment (15 min on 2 shared cores)
     PYTHONPATH=. python examples/upcycle_gpt.py --quick    # seconds: a tiny model, for CI
 
 Every continuation starts a fresh AdamW with the same warmup and learning rate, and reads the same batches
@@ -49,7 +49,7 @@ EXPERTS, TOP_K, DROP_RATIO = 8, 2, 0.5
 # eval_every: held-out evaluation every so many steps (pretraining: pretrain_eval_every)
 PRESETS = {
     "default": dict(model=GPTConfig(context=128, n_layer=4, n_head=4, d_model=128, d_ff=512),
-                    pretrain_steps=600, extra_steps=200, batch_size=32, eval_sequences=96, max_files=None,
+                    pretrain_steps=600, extra_steps=200, batch_size=16, eval_sequences=96, max_files=None,
                     eval_every=20, pretrain_eval_every=50),
     "quick": dict(model=GPTConfig(context=32, n_layer=2, n_head=2, d_model=32, d_ff=64),
                   pretrain_steps=20, extra_steps=6, batch_size=8, eval_sequences=8, max_files=40,
