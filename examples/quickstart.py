@@ -28,7 +28,8 @@ TEXT = b"moeify turns the dense feed-forward blocks of a model into a mixture of
 def small_gpt2() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)  # byte-level
+    cfg = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4,  # byte-level
+                     bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg)
 
 
