@@ -113,6 +113,12 @@ class MoELayer(nn.Module):
                 num_tokens=num_tokens,
             )
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's aux loss: it is part of that step's autograd graph
+        (deepcopy of a non-leaf tensor fails) and means nothing to another copy."""
+        state = super().__getstate__()
+        return {**state, "last_aux_loss": None}
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"d_model={c.d_model}, d_ff={c.d_ff}, experts={c.num_experts}, k={c.k}, router={c.router}, "

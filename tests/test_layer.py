@@ -369,3 +369,20 @@ def test_shared_router_survives_state_dict_round_trip():
     dst.load_state_dict(src.state_dict())
     assert dst[0].router is dst[1].router
     torch.testing.assert_close(dst[1].router.weight, src[0].router.weight)
+
+
+def test_layer_deepcopies_and_pickles_after_a_training_forward():
+    import io
+
+    cfg = moeify.MoEConfig(d_model=8, d_ff=16, num_experts=4, k=2)
+    layer = moeify.MoELayer(cfg)
+    layer(torch.randn(5, 8, requires_grad=True))
+    assert layer.last_aux_loss is not None and layer.last_aux_loss.grad_fn is not None
+    twin = copy.deepcopy(layer)
+    assert twin.last_aux_loss is None
+    assert layer.last_aux_loss is not None  # the original keeps its loss for the backward to come
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(twin(x), layer(x))
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    assert buffer.tell() > 0
