@@ -1,5 +1,8 @@
 """Dispatch: run the experts on routed tokens.
 
+Shape legend: T tokens, D model width, H expert hidden width (H1 = 2H when gated), E experts, S slots per
+expert, N assignments.
+
 `grouped_ffn` is the entry point the layer calls; `impl="reference"` selects the slow reference.
 """
 
@@ -7,27 +10,69 @@ from __future__ import annotations
 
 import torch
 
-from moeify.dispatch.ops import grouped_ffn_op
+from moeify.activations import apply_expert_activation
+from moeify.dispatch.ops import grouped_ffn_op, grouped_ffn_train_op
 from moeify.dispatch.reference import reference_grouped_ffn, reference_soft_experts
 
 Tensor = torch.Tensor
+
+_IMPLS = ("fast", "reference")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown dispatch impl {impl!r}; valid: {', '.join(_IMPLS)}")
 
 
 def grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, w1: Tensor,
                 b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str, gated: bool,
                 impl: str = "fast") -> Tensor:
-    """x [T, D] -> [T, D]; see `reference_grouped_ffn` for the exact meaning."""
-    if impl not in ("fast", "reference"):
-        raise ValueError(f"unknown dispatch impl {impl!r}; valid: fast, reference")
+    """x [T, D] -> [T, D]; see `reference_grouped_ffn` for the exact meaning.
+
+    When a gradient is wanted, the training variant of the op runs: same forward, but it hands the
+    pre-activation to the backward instead of the backward recomputing it (one GEMM saved). Under
+    `torch.export` the public op `moeify::grouped_ffn` is always used: it is what the ONNX lowering maps.
+    """
+    _check_impl(impl)
     if impl == "reference":
         return reference_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, w1, b1, w2, b2))
+    if wants_grad and not torch.compiler.is_exporting():
+        return grouped_ffn_train_op(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)[0]
     return grouped_ffn_op(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
+
+
+def fast_soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
+                      b2: Tensor | None, activation: str, gated: bool) -> Tensor:
+    """Soft MoE with batched matmuls over the stacked weights (plain ops; autograd as usual).
+
+    Every expert sees exactly S slots, so the experts are one `bmm` each way, no Python loop, and the weight
+    gradients come out stacked [E, ...] with no per-expert indexing.
+    """
+    E = w1.shape[0]
+    S = dispatch.shape[1] // E
+    slots = (dispatch.t().to(x.dtype) @ x).view(E, S, -1)  # [E, S, D]
+    if b1 is None:
+        h = torch.bmm(slots, w1.transpose(1, 2))  # [E, S, H1]
+    else:
+        h = torch.baddbmm(b1.unsqueeze(1), slots, w1.transpose(1, 2))  # [E, S, H1]
+    a = apply_expert_activation(h, activation, gated)  # [E, S, H]
+    if b2 is None:
+        y = torch.bmm(a, w2.transpose(1, 2))  # [E, S, D]
+    else:
+        y = torch.baddbmm(b2.unsqueeze(1), a, w2.transpose(1, 2))  # [E, S, D]
+    return combine.to(x.dtype) @ y.reshape(E * S, -1)  # [T, D]
 
 
 def soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                  b2: Tensor | None, activation: str, gated: bool, impl: str = "fast") -> Tensor:
-    """Soft MoE expert computation; see `reference_soft_experts`."""
-    return reference_soft_experts(x, dispatch, combine, w1, b1, w2, b2, activation, gated)
+    """Soft MoE expert computation; see `reference_soft_experts`. x [T, D]; dispatch, combine [T, E*S]."""
+    _check_impl(impl)
+    if impl == "reference":
+        return reference_soft_experts(x, dispatch, combine, w1, b1, w2, b2, activation, gated)
+    return fast_soft_experts(x, dispatch, combine, w1, b1, w2, b2, activation, gated)
 
 
-__all__ = ["grouped_ffn", "soft_experts", "reference_grouped_ffn", "reference_soft_experts"]
+__all__ = ["grouped_ffn", "soft_experts", "fast_soft_experts", "reference_grouped_ffn",
+           "reference_soft_experts"]

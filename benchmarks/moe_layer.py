@@ -1,0 +1,185 @@
+"""MoE layer speed on CPU: moeify's MoELayer vs an HF-Mixtral-style expert loop vs the dense limit.
+
+Shape legend: T tokens, D d_model, H d_ff, E experts, k experts per token.
+
+Three contenders on the same input, measured side by side in one run:
+  moeify  MoELayer with the top-k router (router, losses, statistics and the grouped dispatch op).
+  loop    transformers' MixtralSparseMoeBlock pattern: a linear gate, softmax + top-k, then a Python loop
+          over a ModuleList of per-expert FFNs that gathers each expert's tokens and index_adds the
+          weighted result back. Its weights are views of the MoELayer's, so both compute the same function
+          (checked once before timing).
+  dense   the limit: k dense FFNs of the same width on all T tokens, summed (the FLOPs top-k must do,
+          with no routing, gathering or scattering).
+Times are medians over interleaved repeats (contender A, B, C, A, B, C, ...), so load from other processes
+on a shared machine hits all three alike and the ratios stay meaningful even when absolute times drift.
+"forward" runs under no_grad; "fwd+bwd" is forward with grad plus backward of a fixed output gradient,
+parameter grads set to None before each step.
+
+Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] [--gated]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import moeify  # noqa: E402
+from moeify.activations import apply_expert_activation  # noqa: E402
+
+Tensor = torch.Tensor
+
+
+class FFN(nn.Module):
+    """One expert / dense FFN in the usual nn.Linear form: x [n, D] -> [n, D]."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, gated: bool, bias: bool):
+        super().__init__()
+        self.activation, self.gated = activation, gated
+        self.up = nn.Linear(d_model, 2 * d_ff if gated else d_ff, bias=bias)  # weight [H1, D]
+        self.down = nn.Linear(d_ff, d_model, bias=bias)  # weight [D, H]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(apply_expert_activation(self.up(x), self.activation, self.gated))
+
+
+class LoopMoE(nn.Module):
+    """HF-Mixtral-style sparse MoE block whose parameters are views of an `MoELayer`'s (same function)."""
+
+    def __init__(self, layer: moeify.MoELayer):
+        super().__init__()
+        cfg = layer.config
+        self.k, self.num_experts = cfg.k, cfg.num_experts
+        self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        self.gate.weight = nn.Parameter(layer.router.weight.data)  # [E, D], shared storage
+        self.experts = nn.ModuleList()
+        for e in range(cfg.num_experts):
+            ffn = FFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.gated, cfg.bias)
+            ffn.up.weight = nn.Parameter(layer.w1.data[e])  # [H1, D] view
+            ffn.down.weight = nn.Parameter(layer.w2.data[e])  # [D, H] view
+            if cfg.bias:
+                ffn.up.bias = nn.Parameter(layer.b1.data[e])
+                ffn.down.bias = nn.Parameter(layer.b2.data[e])
+            self.experts.append(ffn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.gate(x)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)  # [T, E]
+        top_w, top_idx = torch.topk(probs, self.k, dim=-1)  # [T, k]
+        top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)  # [T, D]
+        expert_mask = nn.functional.one_hot(top_idx, self.num_experts).permute(2, 1, 0)  # [E, k, T]
+        hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        for e in hit:
+            slot, tokens = torch.where(expert_mask[e])  # [n_e] each
+            y = self.experts[e](x[tokens]) * top_w[tokens, slot, None]  # [n_e, D]
+            out.index_add_(0, tokens, y.to(x.dtype))
+        return out
+
+
+class DenseLimit(nn.Module):
+    """k dense FFNs of width H on all T tokens, summed: the work of top-k with perfect dispatch."""
+
+    def __init__(self, cfg: moeify.MoEConfig):
+        super().__init__()
+        self.ffns = nn.ModuleList(FFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.gated, cfg.bias)
+                                  for _ in range(cfg.k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.ffns[0](x)
+        for ffn in self.ffns[1:]:
+            out = out + ffn(x)
+        return out
+
+
+def _forward_step(model: nn.Module, x: Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            model(x)
+    return step
+
+
+def _train_step(model: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        model(x).backward(grad)
+    return step
+
+
+def _medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each step over `repeats` interleaved rounds (after one warm-up round)."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run_case(T: int, E: int, k: int, d_model: int, d_ff: int, activation: str, gated: bool,
+             repeats: int) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    cfg = moeify.MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=E, k=k, router="topk",
+                           activation=activation, gated=gated)
+    contenders = {"dense": DenseLimit(cfg), "moeify": moeify.MoELayer(cfg)}
+    contenders["loop"] = LoopMoE(contenders["moeify"])
+    x = torch.randn(T, d_model, requires_grad=True)  # [T, D]
+    with torch.no_grad():  # the loop is the same function as the MoELayer: check before timing anything
+        ref, got = contenders["loop"](x), contenders["moeify"](x)
+        if not torch.allclose(ref, got, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"moeify and loop disagree by {(ref - got).abs().max().item():.3g}")
+    grad = torch.randn(T, d_model)  # [T, D]
+    result = {
+        "forward": _medians({n: _forward_step(m, x) for n, m in contenders.items()}, repeats),
+        "fwd+bwd": _medians({n: _train_step(m, x, grad) for n, m in contenders.items()}, repeats),
+    }
+    del contenders
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke test)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 7)")
+    parser.add_argument("--activation", default="gelu")
+    parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        cases, d_model, d_ff, repeats = [(64, 4), (32, 8)], 32, 64, args.repeats or 2
+    else:
+        cases, d_model, d_ff, repeats = [(4096, 8), (4096, 64), (1024, 128)], 512, 2048, args.repeats or 7
+
+    table = Table(title=f"MoE layer on CPU: d={d_model}, d_ff={d_ff}, {args.activation}"
+                        f"{' gated' if args.gated else ''}, {args.threads} threads, median of {repeats} "
+                        "interleaved repeats (ms)")
+    columns = ("T", "E", "k", "pass", "dense", "moeify", "loop", "moeify/dense", "loop/dense", "loop/moeify")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for T, E in cases:
+        for k in (1, 2):
+            result = run_case(T, E, k, d_model, d_ff, args.activation, args.gated, repeats)
+            for name, t in result.items():
+                table.add_row(str(T), str(E), str(k), name,
+                              *(f"{t[c] * 1e3:.1f}" for c in ("dense", "moeify", "loop")),
+                              f"{t['moeify'] / t['dense']:.2f}", f"{t['loop'] / t['dense']:.2f}",
+                              f"{t['loop'] / t['moeify']:.2f}")
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    main()

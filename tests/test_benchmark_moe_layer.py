@@ -1,0 +1,16 @@
+"""Smoke test of benchmarks/moe_layer.py: the --quick run works end to end (nothing about speed here)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_moe_layer_benchmark_quick_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for column in ("dense", "moeify", "loop", "moeify/dense", "loop/dense", "loop/moeify"):
+        assert column in proc.stdout
+    assert "fwd+bwd" in proc.stdout and "forward" in proc.stdout
