@@ -2,6 +2,7 @@
 
 from moeify.config import ConfigError, MoEConfig
 from moeify.convert import convert, explain_ffns, find_ffns
+from moeify.io import load, save
 from moeify.layer import MoELayer, aux_loss
 from moeify.report import ConversionReport, conversion_report
 from moeify.sharing import share_router
@@ -12,8 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "ConversionReport", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
-    "aux_loss", "conversion_report", "convert", "explain_ffns", "find_ffns", "parallelize", "routing_stats",
-    "share_router",
+    "aux_loss", "conversion_report", "convert", "explain_ffns", "find_ffns", "load", "parallelize",
+    "routing_stats", "save", "share_router",
 ]
 
 

@@ -213,6 +213,7 @@ def convert(
     seed: int = 0,
     inplace: bool = False,
     expert_d_ff: int | dict[str, int] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> nn.Module:
     """Replace the FFNs of `model` by MoE layers upcycled from their weights; returns the model.
 
@@ -233,6 +234,8 @@ def convert(
         inplace: change `model` itself instead of a deep copy.
         expert_d_ff: the experts' hidden width (an int, or {ffn name: width}); by default the
             strategy's. Reports record it so a rebuild with init="none" gets the same shapes.
+        progress: progress(name, done, total), called after each selected FFN's MoE layer is built and
+            upcycled (the CLI's progress bar); not part of the recorded options.
 
     Raises:
         ConfigError: a bad option (one line: what and what to do).
@@ -289,6 +292,8 @@ def convert(
             layer.train(site.cand.cap.module.training)  # an eval-mode model gets eval-mode layers
             upcycle_layer(layer, dense, ucfg, calibration=calib.get(m.name), key=m.name)
         layers.append((site, cfg, layer))
+        if progress is not None:
+            progress(m.name, index + 1, len(selected))
 
     def apply_all():
         for site, _, layer in layers:

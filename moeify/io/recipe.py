@@ -1,0 +1,203 @@
+"""`moeify.save` / `moeify.load`: a converted model as safetensors weights plus a recipe.
+
+A saved model is a directory:
+  moeify.json              the recipe (below)
+  model.safetensors        the weights (or shards + model.safetensors.index.json)
+
+The recipe says how to rebuild the structure without running any code from the directory: the source
+(how to build the dense model: a Hugging Face config, a `module:callable`, or a pickled file the user must
+trust again), the conversion options and the converted module paths. `load` rebuilds the dense model,
+converts it with `init="none"` (structure only), checks that the same modules were converted, and loads
+the weights with a shape check on every tensor.
+
+`save(model, "x.pt")` instead writes the whole module with `torch.save` (a pickle: loading it runs code).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeify.errors import MoeifyError
+from moeify.io import sources
+from moeify.io.atomic import atomic_output
+from moeify.io.weights import DEFAULT_SHARD_BYTES, dedupe, read_into, write_safetensors
+from moeify.report import count_params
+
+RECIPE_NAME = sources.RECIPE_NAME
+RECIPE_FORMAT = "moeify.recipe"
+RECIPE_VERSION = 1
+
+
+def conversion_record(model: nn.Module) -> dict | None:
+    """{"options": ..., "converted": [...]} of a converted model, None for a model with no MoE layer."""
+    import moeify
+
+    if not any(isinstance(m, moeify.MoELayer) for m in model.modules()):
+        return None
+    report = moeify.conversion_report(model)
+    return {"options": _jsonable(report.options, "conversion options"), "converted": list(report.converted)}
+
+
+def _jsonable(value, what: str):
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise MoeifyError(f"the {what} cannot be written as JSON ({e}); a filter_fn or calibration tensor "
+                          "cannot be saved in a recipe: use include/exclude globs") from e
+
+
+def resolve_source(model: nn.Module, source: str | dict | None) -> dict:
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, str):
+        if not sources.is_callable_spec(source):
+            raise MoeifyError(f"source {source!r} is not of the form module:callable")
+        return {"kind": "callable", "target": source}
+    known = sources.known_source(model)
+    if known is not None:
+        return known
+    if sources.is_hf_model(model):
+        return sources.hf_source(model)
+    return {"kind": "unknown", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def build_recipe(model: nn.Module, source: dict, conversion: dict | None, aliases: dict[str, str],
+                 files: list[str]) -> dict:
+    import moeify
+
+    return {
+        "format": RECIPE_FORMAT,
+        "version": RECIPE_VERSION,
+        "moeify_version": moeify.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "source": source,
+        "conversion": conversion,
+        "weights": {"files": files, "tied": aliases,
+                    "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})},
+        "num_parameters": count_params(model),
+    }
+
+
+def save(model: nn.Module, path: str | Path, *, source: str | dict | None = None, force: bool = False,
+         inputs: tuple = (), max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+         progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write `model` to `path`: a directory with safetensors + moeify.json, or a pickled `.pt`.
+
+    source: how to rebuild the dense model: "module:callable", a source dict, or None to use what moeify
+        knows (models from moeify's loaders and Hugging Face models are known; others need
+        `moeify.load(path, model=fresh_dense_model)`).
+    force: replace an existing `path`. The output is written to a temporary path and renamed, so a failure
+        leaves nothing behind.
+    """
+    path = Path(path)
+    if path.suffix in (".pt", ".pth"):
+        with atomic_output(path, directory=False, force=force, inputs=inputs) as tmp:
+            _guard_os(lambda: torch.save(model, str(tmp)), path)
+        return path
+    if path.suffix:
+        if path.suffix == ".safetensors":
+            raise MoeifyError(f"{path}: moeify writes a directory (safetensors weights + {RECIPE_NAME}); "
+                              "name a directory, or end the name in .pt for a single pickled file")
+    src = resolve_source(model, source)
+    record = conversion_record(model)  # fails early (before writing) when the options are not JSON-able
+    state, aliases = dedupe(model.state_dict())
+    with atomic_output(path, directory=True, force=force, inputs=inputs) as tmp:
+        files = _guard_os(lambda: write_safetensors(state, tmp, {"moeify_version": _version()},
+                                                    max_shard_bytes, progress), path)
+        recipe = build_recipe(model, src, record, aliases, files)
+        (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _version() -> str:
+    import moeify
+
+    return moeify.__version__
+
+
+def _guard_os(fn, path: Path):
+    try:
+        return fn()
+    except OSError as e:
+        raise MoeifyError(f"writing {path} failed: {e.strerror or e}; check the disk space and permissions")\
+            from e
+
+
+def read_recipe(path: Path) -> dict:
+    file = path / RECIPE_NAME
+    try:
+        recipe = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise MoeifyError(f"{path} has no {RECIPE_NAME}; is it a directory written by moeify?") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoeifyError(f"{file} is not valid JSON ({e}); the output is damaged: convert again") from e
+    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
+        raise MoeifyError(f"{file} is not a moeify recipe (no \"format\": \"{RECIPE_FORMAT}\")")
+    if not isinstance(recipe.get("version"), int) or recipe["version"] > RECIPE_VERSION:
+        raise MoeifyError(f"{file} has recipe version {recipe.get('version')!r}, newer than this moeify "
+                          f"reads ({RECIPE_VERSION}); upgrade moeify")
+    return recipe
+
+
+def rebuild_source(source: dict, trust_pickle: bool = False) -> nn.Module:
+    """The dense model a source record describes (weights are overwritten by the caller)."""
+    kind = source.get("kind")
+    if kind == "hf":
+        return sources.rebuild_hf(source)
+    if kind == "callable":
+        return sources.call_spec(source["target"]).eval()
+    if kind == "pickle":
+        file = Path(source["path"])
+        if not file.exists():
+            raise MoeifyError(f"the source {file} of this model is gone and the recipe needs it to rebuild "
+                              "the structure; pass model= (a fresh dense model) or convert again with "
+                              "-o x.pt")
+        return sources.load_model(str(file), trust_pickle=trust_pickle).model  # refuses untrusted code
+    raise MoeifyError("this model was saved without a known source (not a Hugging Face model, nor loaded by "
+                      "moeify); pass model= a freshly built dense model of the same architecture")
+
+
+def load(path: str | Path, model: nn.Module | None = None, *, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild a model written by `moeify.save`: structure from the recipe, weights with shape checks.
+
+    model: a freshly built *dense* model to convert instead of rebuilding it from the recipe's source
+        (needed when the source is unknown). A `.pt` path is unpickled (needs trust_pickle=True).
+    """
+    import moeify
+
+    path = Path(path)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return sources.load_model(str(path), trust_pickle=trust_pickle).model
+    if not path.is_dir():
+        raise MoeifyError(f"no moeify output at {path}; expected a directory with {RECIPE_NAME}")
+    recipe = read_recipe(path)
+    source = recipe.get("source") or {}
+    dense = model if model is not None else rebuild_source(source, trust_pickle)
+    conversion = recipe.get("conversion")
+    if conversion:
+        options = dict(conversion["options"])
+        options["init"] = "none"
+        options.pop("inplace", None)
+        try:
+            converted = moeify.convert(dense, **options, inplace=True)
+        except TypeError as e:
+            raise MoeifyError(f"the recipe's conversion options do not fit this moeify ({e}); upgrade "
+                              "moeify") from e
+        got = list(moeify.conversion_report(converted).converted)
+        if got != list(conversion["converted"]):
+            raise MoeifyError(f"rebuilding {path} converted {len(got)} module(s) where the recipe lists "
+                              f"{len(conversion['converted'])}; the source model has changed since it was "
+                              "saved")
+    else:
+        converted = dense
+    read_into(converted, path, aliases=recipe.get("weights", {}).get("tied"))
+    converted.eval()
+    sources.remember_source(converted, source)
+    return converted
