@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "ConversionReport", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
-    "aux_loss", "conversion_report", "convert", "explain_ffns", "find_ffns", "load", "parallelize",
-    "routing_stats", "save", "share_router",
+    "aux_loss", "conversion_report", "convert", "explain_ffns", "export_onnx", "find_ffns", "load",
+    "parallelize", "routing_stats", "save", "share_router",
 ]
 
 
@@ -24,4 +24,9 @@ def __getattr__(name):
         from moeify.parallel import parallelize
 
         return parallelize
+    # ONNX export is loaded on first use too: importing moeify does not import onnx / onnxscript.
+    if name == "export_onnx":
+        from moeify.lowering.export import export_onnx
+
+        return export_onnx
     raise AttributeError(f"module 'moeify' has no attribute {name!r}")

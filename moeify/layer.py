@@ -18,6 +18,7 @@ from torch import nn
 from moeify.config import ConfigError, MoEConfig
 from moeify.dense_ffn import DenseFFN
 from moeify.dispatch import grouped_ffn, soft_experts
+from moeify.lowering.context import export_target
 from moeify.routers import Router, build_router
 from moeify.routing import SoftRouting
 from moeify.stats import RoutingStats
@@ -85,6 +86,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer expects last dim {cfg.d_model}, got input of shape {tuple(x.shape)}")
         x2 = x.reshape(-1, cfg.d_model)  # [T, D]
         ids = None if token_ids is None else token_ids.reshape(-1)  # [T]
+        if torch.compiler.is_exporting() and (target := export_target()) is not None:
+            from moeify.lowering.hook import lowered_forward  # ONNX export: ops that lower one-to-one
+
+            return lowered_forward(self, x2, ids, target).reshape(*lead, cfg.d_model)
         routing = self.router(x2, token_ids=ids)
         if isinstance(routing, SoftRouting):
             out = soft_experts(x2, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,

@@ -41,7 +41,9 @@ class ExpertChoiceRouter(Router):
         logits = self.compute_logits(x)  # [T, E]
         scores = torch.softmax(logits, dim=-1)  # [T, E] token-to-expert affinity
         weight, token_idx = torch.topk(scores.t(), C, dim=-1)  # [E, C] each expert's C best tokens
-        expert_idx = torch.arange(E, device=x.device).repeat_interleave(C)  # [E*C]
+        # [E*C]; expand, not repeat_interleave(C): the ONNX exporter mis-lowers repeat_interleave by a
+        # data-dependent count (C follows the token count)
+        expert_idx = torch.arange(E, device=x.device).unsqueeze(1).expand(E, C).reshape(-1)
         losses = {}
         if cfg.z_loss_coef > 0:
             losses["z_loss"] = cfg.z_loss_coef * router_z_loss(logits)

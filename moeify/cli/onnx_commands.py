@@ -1,0 +1,289 @@
+"""`moeify export`, `moeify run`, `moeify bench`: ONNX export and ONNX Runtime serving from the shell.
+
+Standalone click commands; the `moeify` group registers them. User mistakes raise `MoeifyError` with one
+line (the group prints it and exits 1).
+
+    moeify export moeify.zoo:tiny_llama -o llama.onnx --target ort
+    moeify export mypkg.models:build -o m.onnx --input-spec x:2x16x512 --fp16
+    moeify run llama.onnx --input input_ids=ids.npy
+    moeify bench llama.onnx --runs 50 --threads 4 --batch 1 --seq 512
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from moeify.errors import MoeifyError
+
+_DTYPES = {"float32": np.float32, "float": np.float32, "fp32": np.float32, "float16": np.float16,
+           "fp16": np.float16, "half": np.float16, "int64": np.int64, "long": np.int64, "int32": np.int32,
+           "bool": np.bool_}
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+# --- parsing -------------------------------------------------------------------------------------------
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """"2x16x512" -> (2, 16, 512)."""
+    parts = text.lower().split("x")
+    if not text or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise MoeifyError(f"bad shape {text!r}: write positive sizes joined by 'x', e.g. 2x16x512")
+    return tuple(int(p) for p in parts)
+
+
+def parse_input_spec(spec: str) -> tuple[str | None, tuple[int, ...], str]:
+    """"[NAME:]SHAPE[:DTYPE]" -> (name or None, shape, dtype). Default dtype: int64 for names ending in
+    _ids or mask, else float32."""
+    parts = spec.split(":")
+    name = None
+    if parts and not re.fullmatch(r"\d+(x\d+)*", parts[0].lower()):
+        name, parts = parts[0], parts[1:]
+    if len(parts) not in (1, 2):
+        raise MoeifyError(f"bad --input-spec {spec!r}: use NAME:SHAPE[:DTYPE] or SHAPE[:DTYPE], "
+                          "e.g. input_ids:2x16:int64 or 2x16x512")
+    shape = parse_shape(parts[0])
+    default = "int64" if name and (name.endswith("ids") or "mask" in name) else "float32"
+    dtype = parts[1].lower() if len(parts) == 2 else default
+    if dtype not in _DTYPES:
+        valid = ", ".join(sorted(_DTYPES))
+        raise MoeifyError(f"bad dtype {dtype!r} in --input-spec {spec!r}; valid: {valid}")
+    return name, shape, dtype
+
+
+def example_from_specs(specs: tuple[str, ...], vocab: int | None):
+    """Example inputs for export: a tuple (no names given) or a dict (all named)."""
+    import torch
+
+    parsed = [parse_input_spec(s) for s in specs]
+    named = [p[0] is not None for p in parsed]
+    if any(named) and not all(named):
+        raise MoeifyError("--input-spec: name all inputs or none")
+    g = torch.Generator().manual_seed(0)
+    values = []
+    for name, shape, dtype in parsed:
+        if dtype in ("int64", "long", "int32"):
+            high = vocab if (vocab and name and name.endswith("ids")) else 2
+            t = torch.randint(0, high, shape, generator=g)
+            if name and "mask" in name:
+                t = torch.ones(shape, dtype=torch.long)
+            values.append(t if dtype != "int32" else t.int())
+        elif dtype == "bool":
+            values.append(torch.ones(shape, dtype=torch.bool))
+        else:
+            values.append(torch.randn(shape, generator=g))
+    if all(named):
+        return {p[0]: v for p, v in zip(parsed, values, strict=True)}
+    return tuple(values)
+
+
+def load_model_ref(spec: str, arch: str | None = None, trust_pickle: bool = False):
+    """A model argument -> (nn.Module, example inputs or None).
+
+    `module:callable` calls the callable; it may return a module or (module, example_inputs). Anything else
+    goes to moeify's model loader (`moeify.io.load_model`: Hugging Face folders, .pt/.safetensors files
+    with `arch`, folders written by moeify).
+    """
+    from torch import nn
+
+    if ":" in spec and not Path(spec).exists():
+        module_name, _, attr = spec.partition(":")
+        sys.path.insert(0, str(Path.cwd()))
+        try:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:
+                raise MoeifyError(f"cannot import module {module_name!r} from {spec!r}: {e}") from e
+        finally:
+            sys.path.pop(0)
+        fn = getattr(module, attr, None)
+        if fn is None or not callable(fn):
+            raise MoeifyError(f"{module_name!r} has no callable {attr!r}")
+        try:
+            made = fn()
+        except MoeifyError:
+            raise
+        except Exception as e:  # the user's builder failed: say so in one line (--debug shows more)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MoeifyError(f"calling {spec} failed: {type(e).__name__}: {first}") from e
+    else:
+        try:
+            from moeify.io import load_model
+        except ImportError:
+            raise MoeifyError(f"{spec!r} is not module:callable, and this moeify cannot load saved "
+                              "models") from None
+        made = load_model(spec, arch=arch, trust_pickle=trust_pickle)
+        made = getattr(made, "model", made)
+    example = None
+    if isinstance(made, tuple) and len(made) == 2:
+        made, example = made
+    if not isinstance(made, nn.Module):
+        raise MoeifyError(f"{spec!r} gave a {type(made).__name__}, not a torch.nn.Module")
+    return made, example
+
+
+def parse_run_inputs(session, items: tuple[str, ...], batch: int, seq: int) -> dict[str, np.ndarray]:
+    """--input NAME=FILE.npy or NAME=SHAPE (random); inputs not given are made up (batch x seq)."""
+    from moeify.runtime import example_feed
+
+    feed = example_feed(session, batch=batch, seq=seq)
+    names = [i.name for i in session.get_inputs()]
+    types = {i.name: i.type for i in session.get_inputs()}
+    rng = np.random.default_rng(0)
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise MoeifyError(f"--input {item!r}: write NAME=FILE.npy or NAME=SHAPE; "
+                                  f"inputs: {', '.join(names)}")
+            name, value = names[0], item
+        if name not in names:
+            raise MoeifyError(f"--input {item!r}: the model has no input {name!r}; "
+                              f"inputs: {', '.join(names)}")
+        if value.endswith(".npy"):
+            if not Path(value).is_file():
+                raise MoeifyError(f"--input {item!r}: file {value} not found")
+            feed[name] = np.load(value)
+        else:
+            shape = parse_shape(value)
+            kind = types[name]
+            if "int" in kind:
+                feed[name] = (np.ones(shape) if "mask" in name else rng.integers(0, 2, shape)).astype(
+                    np.int64 if "int64" in kind else np.int32)
+            else:
+                dtype = np.float16 if "float16" in kind else np.float32
+                feed[name] = rng.standard_normal(shape).astype(dtype)
+    return feed
+
+
+def _session(model: str, threads: int | None, provider: str | None):
+    from moeify.runtime import make_session
+
+    providers = None if provider is None else [provider] + (["CPUExecutionProvider"]
+                                                            if provider != "CPUExecutionProvider" else [])
+    return make_session(model, providers=providers, threads=threads)
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+@click.command("export")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .onnx file to write.")
+@click.option("--target", type=click.Choice(["ort", "portable"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime's fused com.microsoft.MoE where it applies; "
+                   "portable: standard ops only.")
+@click.option("--input-spec", "input_specs", multiple=True, metavar="[NAME:]SHAPE[:DTYPE]",
+              help="Example input, repeatable (e.g. input_ids:2x16:int64, or 2x16x512). Default: from the "
+                   "model's config (transformers models) or the callable's example.")
+@click.option("--fp16", is_flag=True, help="Export in float16.")
+@click.option("--static", is_flag=True, help="Fixed input shapes (default: dynamic batch and sequence axes).")
+@click.option("--arch", metavar="MODULE:CALLABLE",
+              help="Builds the model for a weights-only file (state_dict .pt or .safetensors).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading a full pickled module (.pt from torch.save(model)); this runs code stored "
+                   "in the file.")
+def export_command(model: str, output: str, target: str, input_specs: tuple[str, ...], fp16: bool,
+                   static: bool, arch: str | None, trust_pickle: bool) -> None:
+    """Export MODEL to ONNX: module:callable, a Hugging Face folder, a moeify folder or a weights file."""
+    import torch
+
+    from moeify.lowering.export import export_onnx
+
+    for spec in input_specs:  # fail on a typo before loading the model
+        parse_input_spec(spec)
+    module, example = load_model_ref(model, arch=arch, trust_pickle=trust_pickle)
+    if input_specs:
+        vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+        example = example_from_specs(input_specs, vocab)
+    with _console().status(f"exporting {model} ({target}) ..."):
+        result = export_onnx(module, example, output, target=target, dynamic=not static,
+                             dtype=torch.float16 if fp16 else torch.float32)
+    table = Table(title=f"{result.path}  ({result.target}, {result.dtype})")
+    for column in ("MoE layer", "ONNX op", "why"):
+        table.add_column(column)
+    for name, op in result.layers.items():
+        table.add_row(name, op, result.reasons.get(name, ""))
+    console = _console()
+    if result.layers:
+        console.print(table)
+    size = Path(output).stat().st_size / 1024**2
+    console.print(f"wrote {output} ({size:.1f} MB): {len(result.layers)} MoE layer(s)")
+
+
+@click.command("run")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy|NAME=SHAPE",
+              help="An input, repeatable; inputs not given are random (see --batch/--seq).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
+@click.option("--provider", help="Execution provider (default: CUDA when usable, else CPU).")
+@click.option("--save", type=click.Path(dir_okay=False), help="Write the outputs to this .npz file.")
+def run_command(model: str, inputs: tuple[str, ...], batch: int, seq: int, threads: int | None,
+                provider: str | None, save: str | None) -> None:
+    """Run an ONNX model once with ONNX Runtime and summarise its outputs."""
+    from moeify.runtime import run
+
+    session = _session(model, threads, provider)
+    feed = parse_run_inputs(session, inputs, batch, seq)
+    outputs = run(session, feed)
+    table = Table(title=f"{model} on {session.get_providers()[0]}")
+    for column in ("output", "shape", "dtype", "mean", "std", "first values"):
+        table.add_column(column)
+    for name, value in outputs.items():
+        flat = value.reshape(-1)
+        numeric = np.issubdtype(value.dtype, np.number) and flat.size > 0
+        table.add_row(name, "x".join(map(str, value.shape)) or "scalar", str(value.dtype),
+                      f"{flat.astype(np.float64).mean():.4g}" if numeric else "",
+                      f"{flat.astype(np.float64).std():.4g}" if numeric else "",
+                      " ".join(f"{v:.4g}" for v in flat[:4].astype(np.float64)) if numeric else "")
+    _console().print(table)
+    if save:
+        np.savez(save, **outputs)
+        _console().print(f"wrote {save}")
+
+
+@click.command("bench")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--provider", help="Execution provider (default: CUDA when usable, else CPU).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_command(model: str, runs: int, warmup: int, threads: int | None, batch: int, seq: int,
+                  provider: str | None, as_json: bool) -> None:
+    """Latency percentiles and throughput of an ONNX model in ONNX Runtime."""
+    from moeify.runtime import bench, example_feed
+
+    session = _session(model, threads, provider)
+    result = bench(session, example_feed(session, batch=batch, seq=seq), runs=runs, warmup=warmup)
+    if as_json:
+        click.echo(json.dumps({"model": model, "provider": session.get_providers()[0], "batch": batch,
+                               "seq": seq, **result.to_dict()}))
+        return
+    table = Table(title=f"{model}: batch {batch} x seq {seq}, {runs} runs on {session.get_providers()[0]}"
+                        + (f", {threads} threads" if threads else ""))
+    for column in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "runs/s", "tokens/s"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result.p50_ms:.2f}", f"{result.p90_ms:.2f}", f"{result.p99_ms:.2f}",
+                  f"{result.mean_ms:.2f}", f"{result.runs_per_s:.1f}", f"{result.tokens_per_s:,.0f}")
+    _console().print(table)
+
+
+COMMANDS = (export_command, run_command, bench_command)
+
+__all__ = ["COMMANDS", "bench_command", "export_command", "run_command"]
