@@ -7,13 +7,12 @@ user can act on (what is wrong, what the valid values are).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 
 from moeify.activations import ACTIVATIONS
 from moeify.errors import MoeifyError
+from moeify.json_config import JsonConfig
 
 CONFIG_VERSION = 1
 
@@ -27,7 +26,7 @@ class ConfigError(MoeifyError, ValueError):
 
 
 @dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(JsonConfig):
     """Shape, routing and losses of one MoE layer.
 
     Shapes: `d_model` is the model width D, `d_ff` the hidden width H of *each* expert.
@@ -125,39 +124,3 @@ class MoEConfig:
         """Rows of the first expert matrix: 2H for gated experts ([gate; up] stacked), else H."""
         return 2 * self.d_ff if self.gated else self.d_ff
 
-    def replace(self, **changes) -> MoEConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    # --- serialisation
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> MoEConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"an MoEConfig must be a JSON object / dict, got {type(data).__name__}")
-        fields = dataclasses.fields(cls)
-        known = {f.name for f in fields}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown MoEConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
-            )
-        required = [f.name for f in fields
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ConfigError(f"MoEConfig is missing required field(s) {', '.join(missing)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> MoEConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"MoEConfig JSON is not valid JSON: {e}") from None
-        return cls.from_dict(data)

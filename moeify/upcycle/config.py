@@ -5,8 +5,6 @@ Shape legend: D d_model, H dense d_ff, H1 = 2H when gated (rows [0, H) gate, [H,
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
@@ -14,6 +12,7 @@ import torch
 
 from moeify.config import ConfigError
 from moeify.errors import MoeifyError
+from moeify.json_config import JsonConfig
 
 Tensor = torch.Tensor
 
@@ -84,7 +83,7 @@ _STRATEGY_OPTIONS = (
 
 
 @dataclass(frozen=True)
-class UpcycleConfig:
+class UpcycleConfig(JsonConfig):
     """How to fill an MoE layer from a dense FFN. Frozen, validated, JSON round-trip.
 
     Args:
@@ -163,26 +162,3 @@ class UpcycleConfig:
             return self.router_init
         return "zeros" if self.init == "split" else "random"
 
-    def replace(self, **changes) -> UpcycleConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    # --- serialisation
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> UpcycleConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown UpcycleConfig field(s) {', '.join(unknown)}; "
-                              f"valid: {', '.join(sorted(known))}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> UpcycleConfig:
-        return cls.from_dict(json.loads(text))
