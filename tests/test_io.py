@@ -307,8 +307,6 @@ def test_mixtral_export_refuses_other_families(tmp_path):
     from moeify.io.hf_export import export_hf
     from moeify.zoo import tiny_bert
 
-    if not moeify.find_ffns(tiny_bert()):
-        pytest.skip("no FFN found in BERT by this passes version")
     model = moeify.convert(tiny_bert(), experts=4, k=2, inplace=True)
     with pytest.raises(MoeifyError, match="needs a llama or mistral model, got bert"):
         export_hf(model, tmp_path / "x", "mixtral")

@@ -81,7 +81,6 @@ def test_tiny_llama_end_to_end(tmp_path, target):
     assert model.config.use_cache  # restored after export
 
 
-@pytest.mark.skipif(not hasattr(moeify, "convert"), reason="needs moeify.convert (token ids wiring)")
 def test_tiny_llama_hash_router_on_token_ids(tmp_path):
     """convert wires input_ids to the hash router's layers through hooks; they export as graph ops."""
     model = tiny_llama(router="hash")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+from moeify import __version__
 from moeify.cli.common import DEBUG_KEY, debug_option, err_console
 
 
@@ -50,7 +51,7 @@ def _fail(message: str, code: int):
 
 
 @click.group(cls=MoeifyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="moeify", prog_name="moeify")
+@click.version_option(version=__version__, prog_name="moeify")  # works from a checkout too
 @debug_option
 def main() -> None:
     """Turn dense PyTorch models into Mixture-of-Experts models.
