@@ -46,7 +46,7 @@ class SoftRouting:
     losses: dict[str, Tensor] = field(default_factory=dict)
 
     def tokens_per_expert(self, num_experts: int) -> Tensor:
-        """[E] float: dispatch mass each expert receives (sums to T*... per slot 1), for load statistics."""
+        """[E] float: dispatch mass each expert receives (each slot sums to 1, so S per expert)."""
         T = self.dispatch.shape[0]
         return self.dispatch.detach().reshape(T, num_experts, -1).sum(dim=(0, 2))
 

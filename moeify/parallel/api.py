@@ -8,6 +8,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from moeify.parallel.comm import CommTimer
 from moeify.parallel.errors import ParallelError
+from moeify.parallel.group import resolve_group
 from moeify.parallel.shard import expert_parameters, shard_experts
 
 DP_MODES = ("ddp", "fsdp", None)
@@ -44,10 +45,7 @@ def parallelize(model: nn.Module, ep_group=None, dp_mesh: DeviceMesh | None = No
     """
     if dp not in DP_MODES:
         raise ParallelError(f"unknown dp {dp!r}; valid: 'ddp', 'fsdp', None")
-    if not dist.is_available() or not dist.is_initialized():
-        raise ParallelError("expert parallelism needs torch.distributed initialised "
-                            "(torch.distributed.init_process_group, e.g. under torchrun)")
-    ep_group = ep_group if ep_group is not None else dist.group.WORLD
+    ep_group = resolve_group(ep_group)
     world = dist.get_world_size(ep_group)
     ranks = _group_ranks(ep_group)
     if dp_mesh is not None:

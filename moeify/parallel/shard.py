@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from moeify.parallel.comm import CommTimer
 from moeify.parallel.errors import ParallelError
 from moeify.parallel.expert import EXPERT_PARAMS, ExpertParallel, check_divisible
+from moeify.parallel.group import resolve_group
 
 # Routers whose routing is soft (dense dispatch over all experts' slots): every expert sees every token,
 # so sharding experts would need a different exchange; refused for now.
@@ -45,7 +46,7 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def ep_mesh(group=None, device_type: str | None = None) -> DeviceMesh:
     """A 1-D device mesh over `group` (default: the world) on `device_type` (default from the backend)."""
-    group = group if group is not None else dist.group.WORLD
+    group = resolve_group(group)
     if device_type is None:
         device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     return DeviceMesh.from_group(group, device_type)
@@ -59,10 +60,7 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0,
     keeps experts [r*E/P, (r+1)*E/P). Raises `ParallelError` when an expert count is not divisible by
     the group size, for soft routers, or when there is no MoE layer.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise ParallelError("expert parallelism needs torch.distributed initialised "
-                            "(torch.distributed.init_process_group, e.g. under torchrun)")
-    group = group if group is not None else dist.group.WORLD
+    group = resolve_group(group)
     world = dist.get_world_size(group)
     layers = moe_layers(model)
     if not layers:
