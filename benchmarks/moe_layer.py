@@ -15,7 +15,7 @@ on a shared machine hits all three alike and the ratios stay meaningful even whe
 "forward" runs under no_grad; "fwd+bwd" is forward with grad plus backward of a fixed output gradient,
 parameter grads set to None before each step.
 
-Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] [--gated]
+Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] [--gated] [--no-recycle]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import moeify  # noqa: E402
+import moeify.dispatch  # noqa: E402
 from moeify.activations import apply_expert_activation  # noqa: E402
 
 Tensor = torch.Tensor
@@ -157,8 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation", default="gelu")
     parser.add_argument("--gated", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-recycle", action="store_true",
+                        help="fresh memory for every stacked weight gradient (moeify.dispatch.buffers off)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    moeify.dispatch.set_grad_buffer_recycling(not args.no_recycle)
     if args.quick:
         cases, d_model, d_ff, repeats = [(64, 4), (32, 8)], 32, 64, args.repeats or 2
     else:
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     table = Table(title=f"MoE layer on CPU: d={d_model}, d_ff={d_ff}, {args.activation}"
                         f"{' gated' if args.gated else ''}, {args.threads} threads, median of {repeats} "
-                        "interleaved repeats (ms)")
+                        f"interleaved repeats (ms){', no gradient recycling' if args.no_recycle else ''}")
     columns = ("T", "E", "k", "pass", "dense", "moeify", "loop", "moeify/dense", "loop/dense", "loop/moeify")
     for col in columns:
         table.add_column(col, justify="right")

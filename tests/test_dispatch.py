@@ -10,7 +10,7 @@ import torch
 
 import moeify
 from moeify.activations import ACTIVATIONS
-from moeify.dispatch import grouped_ffn, soft_experts
+from moeify.dispatch import buffers, grouped_ffn, ops, soft_experts
 from moeify.dispatch.ops import grouped_ffn_backward_op, grouped_ffn_op, grouped_ffn_train_op
 from moeify.dispatch.reference import reference_grouped_ffn, reference_soft_experts
 
@@ -51,11 +51,20 @@ def run(fn, inp: dict, activation: str, gated: bool, grad_out: torch.Tensor):
     return out, torch.autograd.grad(out, leaves(inp), grad_out)
 
 
+# The kernel computes a group's forward GEMMs column-major up to COLMAJOR_MAX_ROWS rows, row-major above.
+# UNEVEN's groups have 0-5 rows: 0 puts every group on the row-major path, 2 splits them between the two
+# paths within one call, 1000 puts every group on the column-major path.
+@pytest.fixture(params=[0, 2, 1000], ids=["rowmajor", "mixed", "colmajor"])
+def group_layout(request, monkeypatch):
+    monkeypatch.setattr(ops, "COLMAJOR_MAX_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dropped", [False, True], ids=["dropless", "dropped"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-def test_fast_matches_reference(activation, gated, bias, dropped):
+def test_fast_matches_reference(activation, gated, bias, dropped, group_layout):
     inp = make_inputs(gated, bias, WITH_DROPPED if dropped else UNEVEN)
     grad_out = torch.randn(T, D, dtype=torch.float64)
     ref, ref_grads = run(reference_grouped_ffn, inp, activation, gated, grad_out)
@@ -117,7 +126,7 @@ def test_frozen_inputs_skip_their_grads():
 
 @pytest.mark.parametrize("activation,gated,bias", [("gelu", False, True), ("silu", True, False),
                                                    ("gelu_tanh", True, True)])
-def test_gradcheck(activation, gated, bias):
+def test_gradcheck(activation, gated, bias, group_layout):
     inp = make_inputs(gated, bias, WITH_DROPPED[:9])
     names = [k for k in ("x", "weight", "w1", "b1", "w2", "b2") if inp[k] is not None]
 
@@ -172,10 +181,14 @@ def _train_step(layer, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor
 
 # Inductor is left out: compiling its C++ kernels took minutes on the shared 2-core machine. aot_eager runs
 # the same AOT autograd graphs (forward through the fake kernels, backward through the backward op).
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "recycled"])
 @pytest.mark.parametrize("backend", ["aot_eager"])
-def test_compile_training_step_matches_eager(backend):
+def test_compile_training_step_matches_eager(backend, pooled, monkeypatch):
     """The compiled forward (custom ops seen through their fake kernels) and its AOT backward graph, which
-    runs `moeify::grouped_ffn_backward`, give the eager numbers."""
+    runs `moeify::grouped_ffn_backward`, give the eager numbers; also when the weight grads come from the
+    recycled-buffer pool (normally only for 32 MiB and up)."""
+    if pooled:
+        monkeypatch.setattr(buffers, "MIN_BYTES", 0)
     layer = _layer(capacity_factor=1.0)  # capacity factor 1.0 with k=2 drops some assignments
     x = torch.randn(2, 7, 8, requires_grad=True)
     eager_y, eager_grads = _train_step(layer, x)

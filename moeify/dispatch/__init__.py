@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moeify.activations import apply_expert_activation
+from moeify.dispatch.buffers import release_grad_buffers, set_grad_buffer_recycling
 from moeify.dispatch.ops import grouped_ffn_op, grouped_ffn_train_op
 from moeify.dispatch.reference import reference_grouped_ffn, reference_soft_experts
 
@@ -75,4 +76,4 @@ def soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: T
 
 
 __all__ = ["grouped_ffn", "soft_experts", "fast_soft_experts", "reference_grouped_ffn",
-           "reference_soft_experts"]
+           "reference_soft_experts", "release_grad_buffers", "set_grad_buffer_recycling"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from moeify.activations import activation_fn, activation_grad
+from moeify.dispatch.buffers import empty_grad_like
 
 Tensor = torch.Tensor
 
@@ -44,15 +45,6 @@ def _plan(expert_idx: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
     sizes = counts[:num_experts].tolist()  # one host sync; the GEMM loop needs the sizes anyway
     order = torch.argsort(expert_idx, stable=True)[: sum(sizes)]  # [M]
     return order, sizes
-
-
-def _groups(sizes: list[int]):
-    """(expert, start row, end row) of each non-empty group; empty experts cost nothing."""
-    start = 0
-    for e, n in enumerate(sizes):
-        if n:
-            yield e, start, start + n
-        start += n
 
 
 def _gemm_bias(a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
@@ -98,6 +90,55 @@ def _act_backward(grad: Tensor, h: Tensor, activation: str, out: Tensor) -> Tens
     return torch.mul(grad, activation_grad(activation)(h), out=out)
 
 
+# Up to this many rows, MKL runs `x @ w.T` faster when its output is column-major: 0.4-0.7x the time for
+# 16 <= n <= 48, 0.9x at 8 and 56, 1.3-1.6x (slower) from 60 up, at d=512, d_ff=2048 on the 2-core dev
+# machine (`python benchmarks/dispatch_choices.py`, part 1). `g @ w` (the backward's GEMMs on the weights)
+# measured best row-major at every size, so only the forward GEMMs and their recompute use this.
+COLMAJOR_MAX_ROWS = 56
+
+
+def _scratch(flat: Tensor, n: int, cols: int, colmajor: bool) -> Tensor:
+    """An [n, cols] view of the start of the flat buffer `flat`, column-major when `colmajor`."""
+    if colmajor:
+        return flat[: n * cols].view(cols, n).t()
+    return flat[: n * cols].view(n, cols)
+
+
+def _ffn_group(xs_e: Tensor, w1_e: Tensor, b1_e: Tensor | None, w2_e: Tensor | None, b2_e: Tensor | None,
+               activation: str, gated: bool, scratch: tuple[Tensor, Tensor, Tensor],
+               dst: tuple[Tensor | None, Tensor | None, Tensor | None]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One expert on its rows: xs_e [n, D] -> h [n, H1] (pre-activation), a [n, H], y [n, D] (None, and
+    the second GEMM skipped, when w2_e is None: the backward's recompute needs only h and a).
+
+    Each result lands in its row-major destination in `dst` when one is given, else in `scratch` (flat
+    buffers of at least n_max * width elements, reused by every group so they stay in cache). Groups of at
+    most COLMAJOR_MAX_ROWS rows compute into column-major scratch and copy to their destination (a
+    transposing copy of n rows costs far less than the slow GEMM orientation). Returns the three results (views)."""
+    n, H1, D = xs_e.shape[0], w1_e.shape[0], xs_e.shape[1]
+    H = H1 // 2 if gated else H1
+    colmajor = n <= COLMAJOR_MAX_ROWS
+    h_dst, a_dst, y_dst = dst
+    h = _scratch(scratch[0], n, H1, colmajor) if (colmajor or h_dst is None) else h_dst
+    _gemm_bias(xs_e, w1_e.t(), b1_e, h)
+    a = _scratch(scratch[1], n, H, colmajor) if (colmajor or a_dst is None) else a_dst
+    _activate(h, activation, gated, out=a)
+    y = None
+    if w2_e is not None:
+        y = _scratch(scratch[2], n, D, colmajor) if (colmajor or y_dst is None) else y_dst
+        _gemm_bias(a, w2_e.t(), b2_e, y)
+    results = []
+    for got, want in ((h, h_dst), (a, a_dst), (y, y_dst)):
+        if want is not None and got is not want:
+            want.copy_(got)
+        results.append(got if want is None else want)
+    return results[0], results[1], results[2]
+
+
+def _flat_scratch(x: Tensor, n_max: int, H1: int, H: int, D: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat scratch for `_ffn_group`: room for n_max rows of h, a and y."""
+    return x.new_empty(n_max * H1), x.new_empty(n_max * H), x.new_empty(n_max * D)
+
+
 def _forward(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, w1: Tensor, b1: Tensor | None,
              w2: Tensor, b2: Tensor | None, activation: str, gated: bool,
              keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -118,15 +159,18 @@ def _forward(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, w
     tok = token_idx[order]  # [M]
     xs = x.index_select(0, tok)  # [M, D]: each token row gathered once per assignment
     ys = y[:M] if keep else x.new_empty(M, D)  # [M, D]
-    if not keep:  # workspaces reused by every group (they stay in cache from one GEMM to the next)
-        h_ws, a_ws = x.new_empty(max(sizes), H1), x.new_empty(max(sizes), H)
+    scratch = _flat_scratch(x, max(sizes), H1, H, D)
     # One pass per group: GEMM, activation, GEMM on rows still in cache (passes over all M rows between
     # the GEMMs would stream [M, H] through memory several times; it measured slower).
-    for e, s, t in _groups(sizes):
-        h_e = h[s:t] if keep else h_ws[: t - s]  # [n_e, H1]
-        _gemm_bias(xs[s:t], w1[e].t(), None if b1 is None else b1[e], h_e)
-        a_e = _activate(h_e, activation, gated, out=a[s:t] if keep else a_ws[: t - s])  # [n_e, H]
-        _gemm_bias(a_e, w2[e].t(), None if b2 is None else b2[e], ys[s:t])  # [n_e, D]
+    xs_g, ys_g = xs.split(sizes), ys.split(sizes)  # per-group views, one call each (see _backward)
+    h_g, a_g = (h[:M].split(sizes), a[:M].split(sizes)) if keep else (None, None)
+    w1_e, w2_e = w1.unbind(0), w2.unbind(0)
+    b1_e = (None,) * E if b1 is None else b1.unbind(0)
+    b2_e = (None,) * E if b2 is None else b2.unbind(0)
+    for e, n in enumerate(sizes):
+        if n:
+            dst = (h_g[e], a_g[e], ys_g[e]) if keep else (None, None, ys_g[e])
+            _ffn_group(xs_g[e], w1_e[e], b1_e[e], w2_e[e], b2_e[e], activation, gated, scratch, dst)
     ws = weight[order].to(x.dtype).unsqueeze(1)  # [M, 1] combine weights
     out.index_add_(0, tok, ys * ws if keep else ys.mul_(ws))  # keep the saved y unscaled
     return out, h, a, y
@@ -156,9 +200,10 @@ def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor
     E, H1, D, H = w1.shape[0], w1.shape[1], x.shape[1], w2.shape[2]
     gx = torch.zeros_like(x) if want_x else _unwanted(x, x)  # [T, D]
     gweight = torch.zeros_like(weight) if want_weight else _unwanted(weight, x)  # [N]
-    # Stacked weight grads: allocated empty and written slice by slice; only empty experts get zeroed.
-    gw1 = torch.empty_like(w1) if want_w1 else _unwanted(w1, x)  # [E, H1, D]
-    gw2 = torch.empty_like(w2) if want_w2 else _unwanted(w2, x)  # [E, D, H]
+    # Stacked weight grads: written slice by slice (only empty experts get zeroed), into recycled memory
+    # when large (see moeify.dispatch.buffers: fresh mmapped pages cost more than the GEMMs at large E).
+    gw1 = empty_grad_like(w1) if want_w1 else _unwanted(w1, x)  # [E, H1, D]
+    gw2 = empty_grad_like(w2) if want_w2 else _unwanted(w2, x)  # [E, D, H]
     gb1 = torch.empty_like(b1) if want_b1 else _unwanted(b1, x)  # [E, H1]
     gb2 = torch.empty_like(b2) if want_b2 else _unwanted(b2, x)  # [E, D]
     order, sizes = _plan(expert_idx, E)
@@ -188,23 +233,35 @@ def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor
     # Workspaces reused by every group, so a group's intermediates stay in cache between its GEMMs.
     ga_ws = x.new_empty(n_max, H) if (want_gh or (gw_rows is not None and y is None)) else None
     gh_ws = x.new_empty(n_max, H1) if want_gh else None
-    if saved is None:
+    if saved is None:  # recompute h and a group by group, into row-major scratch (the layout used below)
+        scratch = _flat_scratch(x, n_max, H1, H, D)
         h_ws, a_ws = x.new_empty(n_max, H1), x.new_empty(n_max, H)
-    for e, s, t in _groups(sizes):
-        n = t - s
-        if saved is None:  # recompute this group's h and a
-            h_e = _gemm_bias(xs[s:t], w1[e].t(), None if b1 is None else b1[e], h_ws[:n])  # [n, H1]
-            a_e = _activate(h_e, activation, gated, out=a_ws[:n])  # [n, H]
+    # Per-group views made in one call each (split / unbind), not sliced per group in Python: at E=128 the
+    # per-slice dispatch overhead was a measurable part of the step.
+    xs_g, go_g, ws_g = xs.split(sizes), go.split(sizes), ws.split(sizes)
+    h_g, a_g = (None, None) if saved is None else (h.split(sizes), a.split(sizes))
+    gy_g = None if gy is None else gy.split(sizes)
+    gxs_g = None if gxs is None else gxs.split(sizes)
+    gwr_g = None if gw_rows is None else gw_rows.split(sizes)
+    w1_e, w2_e = w1.unbind(0), w2.unbind(0)
+    gw1_e = gw1.unbind(0) if want_w1 else None
+    gw2_e = gw2.unbind(0) if want_w2 else None
+    for e, n in enumerate(sizes):
+        if n == 0:
+            continue
+        if saved is None:  # recompute this group's h [n, H1] and a [n, H]
+            h_e, a_e, _ = _ffn_group(xs_g[e], w1_e[e], None if b1 is None else b1[e], None, None,
+                                     activation, gated, scratch, (h_ws[:n], a_ws[:n], None))
         else:
-            h_e, a_e = h[s:t], a[s:t]
+            h_e, a_e = h_g[e], a_g[e]
         if ga_ws is not None:
-            ga = torch.mm(go[s:t], w2[e], out=ga_ws[:n])  # [n, H]: grad wrt a, before the combine weight
+            ga = torch.mm(go_g[e], w2_e[e], out=ga_ws[:n])  # [n, H]: grad wrt a, before the combine weight
             if y is None and gw_rows is not None:
-                torch.linalg.vecdot(ga, a_e, out=gw_rows[s:t])  # <go, a @ w2^T>
+                torch.linalg.vecdot(ga, a_e, out=gwr_g[e])  # <go, a @ w2^T>
                 if b2 is not None:
-                    gw_rows[s:t] += go[s:t] @ b2[e]  # + <go, b2[e]>
+                    gwr_g[e].add_(go_g[e] @ b2[e])  # + <go, b2[e]>
         if want_gh:
-            ga.mul_(ws[s:t])  # [n, H]: grad wrt a
+            ga.mul_(ws_g[e])  # [n, H]: grad wrt a
             gh = gh_ws[:n]  # [n, H1]: grad wrt h
             if gated:
                 gate, up = h_e.chunk(2, dim=-1)  # [n, H] each
@@ -213,15 +270,15 @@ def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor
             else:
                 _act_backward(ga, h_e, activation, out=gh)
             if want_w1:
-                torch.mm(gh.t(), xs[s:t], out=gw1[e])  # [H1, D]
+                torch.mm(gh.t(), xs_g[e], out=gw1_e[e])  # [H1, D]
             if want_b1:
                 torch.sum(gh, dim=0, out=gb1[e])  # [H1]
             if want_x:
-                torch.mm(gh, w1[e], out=gxs[s:t])  # [n, D]
+                torch.mm(gh, w1_e[e], out=gxs_g[e])  # [n, D]
         if want_w2:
-            torch.mm(gy[s:t].t(), a_e, out=gw2[e])  # [D, H]
+            torch.mm(gy_g[e].t(), a_e, out=gw2_e[e])  # [D, H]
         if want_b2:
-            torch.sum(gy[s:t], dim=0, out=gb2[e])  # [D]
+            torch.sum(gy_g[e], dim=0, out=gb2[e])  # [D]
     if gw_rows is not None:
         gweight[order] = gw_rows.to(weight.dtype)
     if want_x:

@@ -1,0 +1,97 @@
+"""Recycled memory for the stacked expert-weight gradients the dispatch backward returns.
+
+Why: glibc serves every allocation above 32 MiB with a fresh `mmap` and unmaps it on `free`, so each
+backward that allocates a new stacked gradient ([E, H1, D]: 256 MiB at E=64, d=512, d_ff=2048) pays one
+page fault and one zeroed page per 4 KiB the first time it writes it. Measured on the 2-core dev machine:
+writing a fresh 512 MiB gradient took about 4x as long as writing the same bytes into memory already
+mapped (`python benchmarks/moe_layer.py --no-recycle` shows the step-level effect). A dense model's
+per-layer gradients, and an HF-style per-expert ModuleList's 4 MiB ones, are small enough for malloc to
+recycle, so without this moeify's stacked layout was the one paying.
+
+How: a buffer handed out stays in the pool. It is handed out again only when no tensor refers to its
+storage any more (the storage's use count is 1: the pool's own reference), so a gradient still held as
+`.grad`, kept by the user, or viewed anywhere is never overwritten. After `zero_grad(set_to_none=True)`
+the next backward writes into the same, already-mapped pages. This is what a caching allocator does:
+memory once used for gradients stays reserved for them. `release_grad_buffers()` gives the unused part
+back (the analogue of `torch.cuda.empty_cache()`); `set_grad_buffer_recycling(False)` turns it off.
+
+Only CPU tensors of at least `MIN_BYTES` go through the pool: smaller ones malloc recycles itself, and
+other devices have their own caching allocators.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+Tensor = torch.Tensor
+
+MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller blocks are recycled by malloc already
+
+_lock = threading.Lock()
+_pool: dict[int, list[torch.UntypedStorage]] = {}  # nbytes -> storages the pool owns (free or in use)
+_enabled = True
+
+
+def set_grad_buffer_recycling(enabled: bool) -> bool:
+    """Turn the recycling on or off (it is on by default); returns the previous setting.
+
+    Turning it off also releases the buffers no tensor uses."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    if not _enabled:
+        release_grad_buffers()
+    return previous
+
+
+def _is_free(storage: torch.UntypedStorage) -> bool:
+    """True when the pool's reference is the only one left (no tensor or view uses the storage)."""
+    return torch._C._storage_Use_Count(storage._cdata) == 1
+
+
+def release_grad_buffers() -> int:
+    """Drop the pooled buffers no tensor uses; returns the bytes given back."""
+    released = 0
+    with _lock:
+        for nbytes, storages in list(_pool.items()):
+            kept = [s for s in storages if not _is_free(s)]
+            released += nbytes * (len(storages) - len(kept))
+            if kept:
+                _pool[nbytes] = kept
+            else:
+                del _pool[nbytes]
+    return released
+
+
+def pooled_bytes() -> int:
+    """Bytes the pool holds, free or in use (for tests and logging)."""
+    with _lock:
+        return sum(nbytes * len(storages) for nbytes, storages in _pool.items())
+
+
+def empty_grad_like(t: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor shaped like `t`: recycled memory when it is large, CPU, and
+    recycling is on; otherwise `torch.empty_like(t)`."""
+    nbytes = t.numel() * t.element_size()
+    if not _enabled or t.device.type != "cpu" or nbytes < MIN_BYTES:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    with _lock:  # find-and-take is atomic: two backward threads never get the same storage
+        storages = _pool.setdefault(nbytes, [])
+        storage = next((s for s in storages if _is_free(s)), None)
+        if storage is None:
+            storage = torch.UntypedStorage(nbytes, device=t.device)
+            storages.append(storage)
+        out = t.new_empty(0).set_(storage, 0, t.shape, _contiguous_strides(t.shape))
+    return out
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+__all__ = ["MIN_BYTES", "empty_grad_like", "pooled_bytes", "release_grad_buffers", "set_grad_buffer_recycling"]
