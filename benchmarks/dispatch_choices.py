@@ -4,7 +4,9 @@ Shape legend: n rows in one expert's group, D d_model, H d_ff, E experts.
 
 1. GEMM output layout by group size (`moeify.dispatch.ops.COLMAJOR_MAX_ROWS`): one expert's forward,
    h = x @ w1[e].T, gelu, y = a @ w2[e].T, over E experts of n rows each, with h and y written row-major
-   (the natural layout) or column-major. MKL is much slower on the row-major form for small n.
+   (the natural layout) or column-major. MKL is much slower on the row-major form for small n. The last
+   columns give the better layout's GEMM rate and its fraction of the rate on one dense block of all rows:
+   the floor of any per-group GEMM dispatch relative to the dense limit.
 2. Fresh vs recycled stacked-gradient memory (`moeify.dispatch.buffers`): writing one [E, H, D] gradient
    with the backward's per-expert outer products, into a new allocation each time (glibc mmaps it, so
    every 4 KiB page faults on first touch) vs into a buffer written before.
@@ -16,26 +18,17 @@ Run: python benchmarks/dispatch_choices.py [--quick] [--threads 2]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import interleaved_medians  # benchmarks/ is on sys.path when run as a script
 
 Tensor = torch.Tensor
 
 
 def medians(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each step over `repeats` interleaved rounds, after one warm-up round."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median milliseconds of each step over `repeats` interleaved rounds."""
+    return {name: t * 1e3 for name, t in interleaved_medians(steps, repeats).items()}
 
 
 def group_outputs(E: int, n: int, cols: int, colmajor: bool) -> list[Tensor]:
@@ -88,11 +81,16 @@ def main(argv: list[str] | None = None) -> None:
         D, H, E, sizes, repeats, grad_E = 512, 2048, 32, [4, 8, 16, 24, 32, 48, 64, 128], 7, 64
     print(f"1. one expert's forward GEMMs by output layout: d={D}, d_ff={H}, {E} experts of n rows, "
           f"{args.threads} threads, median of {repeats} (ms)")
-    print(f"{'n':>5} {'row-major':>10} {'col-major':>10} {'col/row':>8}")
+    dense_n = E * max(sizes)  # the same FFN on all rows at once: what a dense layer gets out of the GEMMs
+    dense = layout_case(1, dense_n, D, H, repeats)["row-major"]
+    dense_rate = 4 * dense_n * D * H / dense / 1e6  # GFLOP/s: two GEMMs of 2*n*D*H FLOPs each
+    print(f"{'n':>5} {'row-major':>10} {'col-major':>10} {'col/row':>8} {'best GF/s':>10} {'of dense':>9}")
     for n in sizes:
         t = layout_case(E, n, D, H, repeats)
+        rate = 4 * E * n * D * H / min(t.values()) / 1e6
         print(f"{n:>5} {t['row-major']:>10.1f} {t['column-major']:>10.1f} "
-              f"{t['column-major'] / t['row-major']:>8.2f}")
+              f"{t['column-major'] / t['row-major']:>8.2f} {rate:>10.0f} {rate / dense_rate:>9.2f}")
+    print(f"dense: one expert's forward on all {dense_n} rows, {dense:.1f} ms, {dense_rate:.0f} GF/s")
     n = 16 if not args.quick else 4
     t = grad_memory_case(grad_E, n, D, H, repeats)
     mib = grad_E * H * D * 4 / 2**20

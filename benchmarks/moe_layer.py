@@ -10,6 +10,12 @@ Three contenders on the same input, measured side by side in one run:
           (checked once before timing).
   dense   the limit: k dense FFNs of the same width on all T tokens, summed (the FLOPs top-k must do,
           with no routing, gathering or scattering).
+  floor   not a contender: the time just to stream the expert weights through memory once per pass that
+          must read or write them (forward: read w1 and w2; fwd+bwd: read them twice, write their
+          gradients once), at this machine's read and write bandwidth measured at the start of the run.
+          No implementation that keeps the weights in DRAM goes below it; at many experts with few tokens
+          each (E=128) every contender is close to it, which bounds how much faster than the loop moeify
+          can be.
 Times are medians over interleaved repeats (contender A, B, C, A, B, C, ...), so load from other processes
 on a shared machine hits all three alike and the ratios stay meaningful even when absolute times drift.
 "forward" runs under no_grad; "fwd+bwd" is forward with grad plus backward of a fixed output gradient,
@@ -21,9 +27,7 @@ Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +37,8 @@ from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from timing import interleaved_medians  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 import moeify  # noqa: E402
 import moeify.dispatch  # noqa: E402
 from moeify.activations import apply_expert_activation  # noqa: E402
@@ -117,17 +123,19 @@ def _train_step(model: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]
     return step
 
 
-def _medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds of each step over `repeats` interleaved rounds (after one warm-up round)."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def stream_bandwidth(nbytes: int, repeats: int) -> tuple[float, float]:
+    """This machine's (read, write) memory bandwidth in bytes/s: median time to sum, and to fill, a buffer of
+    `nbytes` (much larger than the caches, like the stacked expert weights)."""
+    buf = torch.ones(nbytes // 4)  # float32
+    t = interleaved_medians({"read": lambda: buf.sum(), "write": lambda: buf.fill_(0.0)}, repeats)
+    return nbytes / t["read"], nbytes / t["write"]
+
+
+def weights_floor(cfg: moeify.MoEConfig, read_bw: float, write_bw: float) -> dict[str, float]:
+    """Seconds to move the expert weights once per pass that needs them (see the module docstring)."""
+    H1 = 2 * cfg.d_ff if cfg.gated else cfg.d_ff
+    nbytes = cfg.num_experts * (H1 + cfg.d_ff) * cfg.d_model * 4  # w1 [E, H1, D] + w2 [E, D, H], float32
+    return {"forward": nbytes / read_bw, "fwd+bwd": 2 * nbytes / read_bw + nbytes / write_bw}
 
 
 def run_case(T: int, E: int, k: int, d_model: int, d_ff: int, activation: str, gated: bool,
@@ -144,8 +152,8 @@ def run_case(T: int, E: int, k: int, d_model: int, d_ff: int, activation: str, g
             raise RuntimeError(f"moeify and loop disagree by {(ref - got).abs().max().item():.3g}")
     grad = torch.randn(T, d_model)  # [T, D]
     result = {
-        "forward": _medians({n: _forward_step(m, x) for n, m in contenders.items()}, repeats),
-        "fwd+bwd": _medians({n: _train_step(m, x, grad) for n, m in contenders.items()}, repeats),
+        "forward": interleaved_medians({n: _forward_step(m, x) for n, m in contenders.items()}, repeats),
+        "fwd+bwd": interleaved_medians({n: _train_step(m, x, grad) for n, m in contenders.items()}, repeats),
     }
     del contenders
     return result
@@ -171,18 +179,26 @@ def main(argv: list[str] | None = None) -> None:
     table = Table(title=f"MoE layer on CPU: d={d_model}, d_ff={d_ff}, {args.activation}"
                         f"{' gated' if args.gated else ''}, {args.threads} threads, median of {repeats} "
                         f"interleaved repeats (ms){', no gradient recycling' if args.no_recycle else ''}")
-    columns = ("T", "E", "k", "pass", "dense", "moeify", "loop", "moeify/dense", "loop/dense", "loop/moeify")
+    columns = ("T", "E", "k", "pass", "dense", "moeify", "loop", "floor", "moeify/dense", "loop/dense",
+               "loop/moeify", "moeify/floor", "loop/floor")
     for col in columns:
         table.add_column(col, justify="right")
+    read_bw, write_bw = stream_bandwidth(256 << 20 if not args.quick else 1 << 20, repeats)
     for T, E in cases:
         for k in (1, 2):
+            cfg = moeify.MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=E, k=k, gated=args.gated)
+            floor = weights_floor(cfg, read_bw, write_bw)
             result = run_case(T, E, k, d_model, d_ff, args.activation, args.gated, repeats)
             for name, t in result.items():
+                t = dict(t, floor=floor[name])
                 table.add_row(str(T), str(E), str(k), name,
-                              *(f"{t[c] * 1e3:.1f}" for c in ("dense", "moeify", "loop")),
+                              *(f"{t[c] * 1e3:.1f}" for c in ("dense", "moeify", "loop", "floor")),
                               f"{t['moeify'] / t['dense']:.2f}", f"{t['loop'] / t['dense']:.2f}",
-                              f"{t['loop'] / t['moeify']:.2f}")
-    Console(width=140).print(table)
+                              f"{t['loop'] / t['moeify']:.2f}", f"{t['moeify'] / t['floor']:.2f}",
+                              f"{t['loop'] / t['floor']:.2f}")
+    Console(width=160).print(table)
+    print(f"floor: memory bandwidth measured at the start, read {read_bw / 1e9:.1f} GB/s, "
+          f"write {write_bw / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -71,11 +71,11 @@ def pooled_bytes() -> int:
 
 
 def empty_grad_like(t: Tensor) -> Tensor:
-    """An uninitialised contiguous tensor shaped like `t`: recycled memory when it is large, CPU, and
-    recycling is on; otherwise `torch.empty_like(t)`."""
+    """An uninitialised tensor shaped like `t`: contiguous recycled memory when `t` is large, contiguous, on
+    the CPU, and recycling is on; otherwise `torch.empty_like(t)`."""
     nbytes = t.numel() * t.element_size()
-    if not _enabled or t.device.type != "cpu" or nbytes < MIN_BYTES:
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    if not _enabled or t.device.type != "cpu" or nbytes < MIN_BYTES or not t.is_contiguous():
+        return torch.empty_like(t)
     with _lock:  # find-and-take is atomic: two backward threads never get the same storage
         storages = _pool.setdefault(nbytes, [])
         storage = next((s for s in storages if _is_free(s)), None)
@@ -94,4 +94,5 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-__all__ = ["MIN_BYTES", "empty_grad_like", "pooled_bytes", "release_grad_buffers", "set_grad_buffer_recycling"]
+__all__ = ["MIN_BYTES", "empty_grad_like", "pooled_bytes", "release_grad_buffers",
+           "set_grad_buffer_recycling"]
