@@ -285,7 +285,8 @@ def convert(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + index)
             try:
-                layer = MoELayer(cfg, causal=m.causal)
+                # Every upcycling strategy overwrites all expert weights: skip their random init.
+                layer = MoELayer(cfg, causal=m.causal, init_experts=ucfg.init == "none")
             except ConfigError as exc:
                 raise ConfigError(f"FFN {m.name!r}: {exc}") from None
             layer.to(device=dense.w1.device, dtype=dense.w1.dtype)

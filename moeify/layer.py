@@ -40,9 +40,12 @@ class MoELayer(nn.Module):
         causal: True when the layer sits in a causal decoder; routers that mix tokens (expert choice, soft,
             balanced, top-k with a capacity factor) are refused there since they let a token's output depend
             on later tokens.
+        init_experts: False leaves the expert weights w1 and w2 uninitialised (`torch.empty`), for a caller
+            that overwrites them next, as upcycling does: their random init was most of conversion time.
     """
 
-    def __init__(self, config: MoEConfig, router: Router | None = None, causal: bool = False):
+    def __init__(self, config: MoEConfig, router: Router | None = None, causal: bool = False, *,
+                 init_experts: bool = True):
         super().__init__()
         self.config = config
         self.router = router if router is not None else build_router(config)
@@ -62,8 +65,9 @@ class MoELayer(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, H))  # [E, D, H]
         self.b1 = nn.Parameter(torch.zeros(E, H1)) if config.bias else None  # [E, H1]
         self.b2 = nn.Parameter(torch.zeros(E, D)) if config.bias else None  # [E, D]
-        nn.init.normal_(self.w1, std=1.0 / math.sqrt(D))
-        nn.init.normal_(self.w2, std=1.0 / math.sqrt(H))
+        if init_experts:
+            nn.init.normal_(self.w1, std=1.0 / math.sqrt(D))
+            nn.init.normal_(self.w2, std=1.0 / math.sqrt(H))
         self.shared = None
         if config.num_shared_experts > 0:
             width = config.num_shared_experts * (config.shared_d_ff or H)

@@ -391,6 +391,23 @@ def test_seed_and_key_make_results_reproducible(ucfg):
         assert not torch.equal(a, state(ucfg, key=1))
 
 
+@pytest.mark.parametrize("init", ["copy", "noise", "drop", "split", "granular"])
+def test_every_strategy_overwrites_all_expert_weights(init):
+    """convert() builds layers with init_experts=False (uninitialised w1/w2) before upcycling: every strategy
+    must write every expert weight, so NaN-filled weights come out exactly like randomly initialised ones."""
+    ffn = make_dense()
+    ucfg = UpcycleConfig(init=init, granularity=2) if init == "granular" else UpcycleConfig(init=init)
+    dense = DenseFFNWeights.from_module(ffn)
+    normal = make_layer(ucfg, ffn, k=2)
+    poisoned = moeify.MoELayer(normal.config, init_experts=False).eval()
+    with torch.no_grad():
+        poisoned.w1.fill_(float("nan"))
+        poisoned.w2.fill_(float("nan"))
+    for layer in (normal, poisoned):
+        upcycle_layer(layer, dense, ucfg, key=0)
+    assert torch.equal(normal.w1, poisoned.w1) and torch.equal(normal.w2, poisoned.w2)
+
+
 # --- config and fit ---------------------------------------------------------------------------------
 
 
