@@ -31,15 +31,18 @@ MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller blocks are recyc
 
 _lock = threading.Lock()
 _pool: dict[int, list[torch.UntypedStorage]] = {}  # nbytes -> storages the pool owns (free or in use)
-_enabled = True
+# The reuse test needs torch's storage use count (a private binding); without it, no recycling.
+_CAN_RECYCLE = hasattr(torch._C, "_storage_Use_Count")
+_enabled = _CAN_RECYCLE
 
 
 def set_grad_buffer_recycling(enabled: bool) -> bool:
     """Turn the recycling on or off (it is on by default); returns the previous setting.
 
-    Turning it off also releases the buffers no tensor uses."""
+    Turning it off also releases the buffers no tensor uses. It stays off on a torch without the storage
+    use count it relies on."""
     global _enabled
-    previous, _enabled = _enabled, bool(enabled)
+    previous, _enabled = _enabled, bool(enabled) and _CAN_RECYCLE
     if not _enabled:
         release_grad_buffers()
     return previous
