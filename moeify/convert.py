@@ -311,40 +311,29 @@ def convert(
         analysis,
         layers,
         params_before,
-        ucfg,
-        init,
-        experts,
-        router,
-        k,
-        overrides,
-        seed,
-        every,
-        include,
-        exclude,
-        filter_fn,
+        options={"experts": experts, "router": router, "k": k, "config": _jsonable(overrides), "seed": seed},
+        selection=_selection_note(include, exclude, every, filter_fn),
+        init=init if isinstance(init, str) else ucfg.to_dict(),
     )
     report = dataclasses.replace(report, passes=report.passes + tuple(wiring))
     setattr(target, REPORT_ATTR, report)
     return target
 
 
-def _report(
-    model,
-    analysis,
-    layers,
-    params_before,
-    ucfg,
-    init,
-    experts,
-    router,
-    k,
-    overrides,
-    seed,
-    every,
-    include,
-    exclude,
-    filter_fn,
-) -> ConversionReport:
+def _selection_note(include, exclude, every: int, filter_fn) -> str:
+    """The selection options that narrowed the FFNs, for the report's select pass ("" when none did)."""
+    return ", ".join(
+        f"{k}={v!r}"
+        for k, v in (("include", include), ("exclude", exclude), ("every", every))
+        if v not in (None, 1)
+    ) + (", filter_fn" if filter_fn else "")
+
+
+def _report(model, analysis, layers, params_before: int, *, options: dict, selection: str,
+            init) -> ConversionReport:
+    """The conversion's report. `options`: the user's experts, router, k, config and seed (recorded with
+    the converted FFNs, so a rebuild selects exactly them); `selection`: `_selection_note`; `init`: the
+    strategy as given (a name) or its full config."""
     ffns, inactive = [], 0
     for site, cfg, layer in layers:
         after = count_params(layer)
@@ -371,25 +360,12 @@ def _report(
         )
     params_after = count_params(model)
     converted = tuple(f.name for f in ffns)
-    options = {
-        "experts": experts,
-        "router": router,
-        "k": k,
-        "every": 1,
-        "include": list(converted),
-        "exclude": None,
-        "config": _jsonable(overrides),
-        "seed": seed,
-        "expert_d_ff": {f.name: f.expert_d_ff for f in ffns},
-    }
+    # Recorded as a selection of exactly the converted FFNs, so a rebuild from the report matches them.
+    recorded = {**options, "every": 1, "include": list(converted), "exclude": None,
+                "expert_d_ff": {f.name: f.expert_d_ff for f in ffns}}
     by_surgery: dict[str, int] = {}
     for f in ffns:
         by_surgery[f.rewrite] = by_surgery.get(f.rewrite, 0) + 1
-    selection = ", ".join(
-        f"{k}={v!r}"
-        for k, v in (("include", include), ("exclude", exclude), ("every", every))
-        if v not in (None, 1)
-    ) + (", filter_fn" if filter_fn else "")
     passes = (
         analysis.capture.summary,
         analysis.summary,
@@ -403,8 +379,8 @@ def _report(
         params_before=params_before,
         params_after=params_after,
         active_params_per_token=params_after - inactive,
-        options=options,
-        init=init if isinstance(init, str) else ucfg.to_dict(),
+        options=recorded,
+        init=init,
         converted=converted,
         passes=passes,
     )
