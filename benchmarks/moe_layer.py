@@ -133,8 +133,7 @@ def stream_bandwidth(nbytes: int, repeats: int) -> tuple[float, float]:
 
 def weights_floor(cfg: moeify.MoEConfig, read_bw: float, write_bw: float) -> dict[str, float]:
     """Seconds to move the expert weights once per pass that needs them (see the module docstring)."""
-    H1 = 2 * cfg.d_ff if cfg.gated else cfg.d_ff
-    nbytes = cfg.num_experts * (H1 + cfg.d_ff) * cfg.d_model * 4  # w1 [E, H1, D] + w2 [E, D, H], float32
+    nbytes = cfg.num_experts * (cfg.expert_in_width + cfg.d_ff) * cfg.d_model * 4  # w1 + w2, float32
     return {"forward": nbytes / read_bw, "fwd+bwd": 2 * nbytes / read_bw + nbytes / write_bw}
 
 

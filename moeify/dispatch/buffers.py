@@ -85,16 +85,7 @@ def empty_grad_like(t: Tensor) -> Tensor:
         if storage is None:
             storage = torch.UntypedStorage(nbytes, device=t.device)
             storages.append(storage)
-        out = t.new_empty(0).set_(storage, 0, t.shape, _contiguous_strides(t.shape))
-    return out
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+        return t.new_empty(0).set_(storage, 0, t.shape)  # no strides given: contiguous ones
 
 
 __all__ = ["MIN_BYTES", "empty_grad_like", "pooled_bytes", "release_grad_buffers",
