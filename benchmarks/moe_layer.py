@@ -10,6 +10,12 @@ Three contenders on the same input, measured side by side in one run:
           (checked once before timing).
   dense   the limit: k dense FFNs of the same width on all T tokens, summed (the FLOPs top-k must do,
           with no routing, gathering or scattering).
+  experts not a contender: the same expert FFNs (the loop's nn.Linear modules) run on rows gathered once
+          before timing, in the group sizes the router gives, with no routing, gather or scatter: the
+          per-expert GEMM work alone. experts/dense is what splitting the tokens into E small GEMMs costs
+          by itself (MKL is much less efficient on 64 rows than on 4096); moeify/experts is what
+          moeify's routing and dispatch add on top (below 1 where its column-major GEMMs for small groups
+          beat the modules' row-major ones).
   floor   not a contender: the time just to stream the expert weights through memory once per pass that
           must read or write them (forward: read w1 and w2; fwd+bwd: read them twice, write their
           gradients once), at this machine's read and write bandwidth measured at the start of the run.
@@ -22,6 +28,7 @@ on a shared machine hits all three alike and the ratios stay meaningful even whe
 parameter grads set to None before each step.
 
 Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] [--gated] [--no-recycle]
+(glibc settings change the fresh-memory costs: see the README's speed section.)
 """
 
 from __future__ import annotations
@@ -78,19 +85,46 @@ class LoopMoE(nn.Module):
                 ffn.down.bias = nn.Parameter(layer.b2.data[e])
             self.experts.append(ffn)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def route(self, x: Tensor) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
+        """Combine weights top_w [T, k] and, per expert with tokens, (e, slot [n_e], tokens [n_e])."""
         logits = self.gate(x)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)  # [T, E]
         top_w, top_idx = torch.topk(probs, self.k, dim=-1)  # [T, k]
         top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)  # [T, D]
         expert_mask = nn.functional.one_hot(top_idx, self.num_experts).permute(2, 1, 0)  # [E, k, T]
         hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
-        for e in hit:
-            slot, tokens = torch.where(expert_mask[e])  # [n_e] each
+        return top_w, [(e, *torch.where(expert_mask[e])) for e in hit]
+
+    def forward(self, x: Tensor) -> Tensor:
+        top_w, groups = self.route(x)
+        out = torch.zeros_like(x)  # [T, D]
+        for e, slot, tokens in groups:
             y = self.experts[e](x[tokens]) * top_w[tokens, slot, None]  # [n_e, D]
             out.index_add_(0, tokens, y.to(x.dtype))
         return out
+
+
+class ExpertsOnly:
+    """The loop's expert FFNs on their rows, gathered once up front: the GEMM work with nothing around it."""
+
+    def __init__(self, loop: LoopMoE, x: Tensor):
+        with torch.no_grad():
+            _, groups = loop.route(x)
+        self.experts = [loop.experts[e] for e, _, _ in groups]
+        self.rows = [x.detach()[tokens].requires_grad_() for _, _, tokens in groups]  # [n_e, D] each
+        self.grads = [torch.randn_like(r) for r in self.rows]  # [n_e, D]: fixed output gradients
+
+    def forward_step(self) -> None:
+        with torch.no_grad():
+            for expert, rows in zip(self.experts, self.rows, strict=True):
+                expert(rows)
+
+    def train_step(self) -> None:
+        for expert, rows in zip(self.experts, self.rows, strict=True):
+            rows.grad = None
+            expert.zero_grad(set_to_none=True)
+        outs = [expert(rows) for expert, rows in zip(self.experts, self.rows, strict=True)]
+        torch.autograd.backward(outs, self.grads)
 
 
 class DenseLimit(nn.Module):
@@ -150,9 +184,13 @@ def run_case(T: int, E: int, k: int, d_model: int, d_ff: int, activation: str, g
         if not torch.allclose(ref, got, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"moeify and loop disagree by {(ref - got).abs().max().item():.3g}")
     grad = torch.randn(T, d_model)  # [T, D]
+    experts = ExpertsOnly(contenders["loop"], x)
+    forward_steps = {n: _forward_step(m, x) for n, m in contenders.items()}
+    train_steps = {n: _train_step(m, x, grad) for n, m in contenders.items()}
+    forward_steps["experts"], train_steps["experts"] = experts.forward_step, experts.train_step
     result = {
-        "forward": interleaved_medians({n: _forward_step(m, x) for n, m in contenders.items()}, repeats),
-        "fwd+bwd": interleaved_medians({n: _train_step(m, x, grad) for n, m in contenders.items()}, repeats),
+        "forward": interleaved_medians(forward_steps, repeats),
+        "fwd+bwd": interleaved_medians(train_steps, repeats),
     }
     del contenders
     return result
@@ -178,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     table = Table(title=f"MoE layer on CPU: d={d_model}, d_ff={d_ff}, {args.activation}"
                         f"{' gated' if args.gated else ''}, {args.threads} threads, median of {repeats} "
                         f"interleaved repeats (ms){', no gradient recycling' if args.no_recycle else ''}")
-    columns = ("T", "E", "k", "pass", "dense", "moeify", "loop", "floor", "moeify/dense", "loop/dense",
-               "loop/moeify", "moeify/floor", "loop/floor")
+    columns = ("T", "E", "k", "pass", "dense", "moeify", "loop", "experts", "floor", "moeify/dense",
+               "loop/dense", "loop/moeify", "experts/dense", "moeify/experts", "moeify/floor")
     for col in columns:
         table.add_column(col, justify="right")
     read_bw, write_bw = stream_bandwidth(256 << 20 if not args.quick else 1 << 20, repeats)
@@ -190,12 +228,10 @@ def main(argv: list[str] | None = None) -> None:
             result = run_case(T, E, k, d_model, d_ff, args.activation, args.gated, repeats)
             for name, t in result.items():
                 t = dict(t, floor=floor[name])
-                table.add_row(str(T), str(E), str(k), name,
-                              *(f"{t[c] * 1e3:.1f}" for c in ("dense", "moeify", "loop", "floor")),
-                              f"{t['moeify'] / t['dense']:.2f}", f"{t['loop'] / t['dense']:.2f}",
-                              f"{t['loop'] / t['moeify']:.2f}", f"{t['moeify'] / t['floor']:.2f}",
-                              f"{t['loop'] / t['floor']:.2f}")
-    Console(width=160).print(table)
+                times = (f"{t[c] * 1e3:.1f}" for c in ("dense", "moeify", "loop", "experts", "floor"))
+                ratios = (f"{t[a] / t[b]:.2f}" for a, b in (c.split("/") for c in columns if "/" in c))
+                table.add_row(str(T), str(E), str(k), name, *times, *ratios)
+    Console(width=200).print(table)
     print(f"floor: memory bandwidth measured at the start, read {read_bw / 1e9:.1f} GB/s, "
           f"write {write_bw / 1e9:.1f} GB/s")
 

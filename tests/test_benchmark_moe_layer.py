@@ -12,8 +12,8 @@ def test_moe_layer_benchmark_quick_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for column in ("dense", "moeify", "loop", "floor", "moeify/dense", "loop/dense", "loop/moeify",
-                   "moeify/floor"):
+    for column in ("dense", "moeify", "loop", "experts", "floor", "moeify/dense", "loop/dense", "loop/moeify",
+                   "experts/dense", "moeify/experts", "moeify/floor"):
         assert column in proc.stdout
     assert "fwd+bwd" in proc.stdout and "forward" in proc.stdout
 
@@ -31,3 +31,27 @@ def test_dispatch_choices_benchmark_quick_runs():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "col/row" in proc.stdout and "fresh/recycled" in proc.stdout
+
+
+def test_experts_column_runs_the_loops_expert_work():
+    """The `experts` contender runs exactly the loop's experts on exactly the loop's rows: weighting and
+    scattering its outputs reproduces the loop's output."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import moe_layer
+    import torch
+
+    import moeify
+
+    torch.manual_seed(0)
+    T, k = 24, 2
+    cfg = moeify.MoEConfig(d_model=16, d_ff=32, num_experts=4, k=k, router="topk", activation="gelu")
+    loop = moe_layer.LoopMoE(moeify.MoELayer(cfg))
+    x = torch.randn(T, 16)  # [T, D]
+    experts = moe_layer.ExpertsOnly(loop, x)
+    assert sum(rows.shape[0] for rows in experts.rows) == T * k
+    top_w, groups = loop.route(x)
+    out = torch.zeros_like(x)  # [T, D]
+    with torch.no_grad():
+        for (_, slot, tokens), expert, rows in zip(groups, experts.experts, experts.rows, strict=True):
+            out.index_add_(0, tokens, expert(rows) * top_w[tokens, slot, None])
+        torch.testing.assert_close(out, loop(x))
