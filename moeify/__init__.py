@@ -7,7 +7,7 @@ from moeify.layer import MoELayer, aux_loss
 from moeify.report import ConversionReport, conversion_report
 from moeify.sharing import share_router
 from moeify.stats import RoutingStats, routing_stats
-from passes.match import FFNMatch, Rejection
+from moeify.passes.match import FFNMatch, Rejection
 
 __version__ = "0.1.0"
 

@@ -24,11 +24,11 @@ from moeify.errors import MoeifyError
 from moeify.layer import MoELayer
 from moeify.report import REPORT_ATTR, ConversionReport, FFNReport, count_params
 from moeify.upcycle import UpcycleConfig, expert_d_ff, upcycle_layer
-from passes.analyse import Analysis, Site, analyse
-from passes.calibrate import record_inputs
-from passes.match import FFNMatch, Rejection
-from passes.rewrite import dense_weights, rewrite
-from passes.token_ids import HASHING_ROUTERS, wire_token_ids
+from moeify.passes.analyse import Analysis, Site, analyse
+from moeify.passes.calibrate import record_inputs
+from moeify.passes.match import FFNMatch, Rejection
+from moeify.passes.rewrite import dense_weights, rewrite
+from moeify.passes.token_ids import HASHING_ROUTERS, wire_token_ids
 
 # MoEConfig fields convert fills itself: from the FFN found, or from its own arguments.
 _FROM_FFN = ("d_model", "d_ff", "activation", "gated", "bias")

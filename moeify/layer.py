@@ -52,7 +52,7 @@ class MoELayer(nn.Module):
         if router is not None and (router.config.d_model != config.d_model
                                    or router.config.num_experts != config.num_experts):
             raise ConfigError("a shared router must have the layer's d_model and num_experts")
-        if causal and self.router.mixes_tokens:
+        if causal and self.router.caps.mixes_tokens:
             raise ConfigError(
                 f"router {self.router.name!r} mixes information across tokens and would break causality in "
                 "a causal decoder; use a token-choice router there (topk without capacity_factor, hash, "

@@ -37,7 +37,7 @@ def share_router(layers: Iterable[MoELayer], router: Router | None = None) -> Ro
                 f"cannot share a router built for d_model={rc.d_model}, num_experts={rc.num_experts} with a "
                 f"layer of d_model={c.d_model}, num_experts={c.num_experts}"
             )
-        if layer.causal and shared.mixes_tokens:
+        if layer.causal and shared.caps.mixes_tokens:
             raise ConfigError(f"router {shared.name!r} mixes information across tokens; it cannot be shared "
                               "into a causal layer")
     for layer in layers:

@@ -4,9 +4,8 @@ check with a reason), plan and rewrite (surgery on the user's module tree), cali
 Each pass reports a one-line count (`summary`) that `convert` collects in its report.
 """
 
-import moeify  # noqa: F401  (first: moeify's API imports these passes; this order avoids a cycle)
-from passes.analyse import Analysis, Site, analyse
-from passes.capture import CaptureResult, capture
-from passes.match import FFNMatch, LinearRef, Rejection
+from moeify.passes.analyse import Analysis, Site, analyse
+from moeify.passes.capture import CaptureResult, capture
+from moeify.passes.match import FFNMatch, LinearRef, Rejection
 
 __all__ = ["Analysis", "CaptureResult", "FFNMatch", "LinearRef", "Rejection", "Site", "analyse", "capture"]

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from passes import plan
-from passes.atoms import is_activation_module, is_linear_module
-from passes.capture import Captured, CaptureResult, capture
-from passes.match import FFNMatch, Rejection
-from passes.rules import RULES
-from passes.rules.common import Candidate, linear_ref
+from moeify.passes import plan
+from moeify.passes.atoms import is_activation_module, is_linear_module
+from moeify.passes.capture import Captured, CaptureResult, capture
+from moeify.passes.match import FFNMatch, Rejection
+from moeify.passes.rules import RULES
+from moeify.passes.rules.common import Candidate, linear_ref
 
 META = "moeify.analyse"
 

@@ -13,8 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from passes.analyse import Site
-from passes.rewrite import install_method
+from moeify.passes.analyse import Site
+from moeify.passes.rewrite import install_method
 
 Tensor = torch.Tensor
 

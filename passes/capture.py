@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from passes.atoms import is_atom, is_linear_module
+from moeify.passes.atoms import is_atom, is_linear_module
 
 # Method names never traced: they change state or are not computations on tensors.
 _SKIP_METHODS = re.compile(

@@ -22,8 +22,8 @@ import functools
 
 from torch import fx
 
-from passes.atoms import pass_through_kind
-from passes.rules.common import Candidate
+from moeify.passes.atoms import pass_through_kind
+from moeify.passes.rules.common import Candidate
 
 
 def _pure_helpers(graph: fx.Graph, keep: set) -> set:

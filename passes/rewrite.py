@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from moeify.upcycle import DenseFFNWeights
-from passes import plan
-from passes.analyse import Site
-from passes.match import FFNMatch, LinearRef
+from moeify.passes import plan
+from moeify.passes.analyse import Site
+from moeify.passes.match import FFNMatch, LinearRef
 
 Tensor = torch.Tensor
 META = "moeify.rewrite"

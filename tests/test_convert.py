@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, D, H, rel_err
+from tests.zoo import ZOO, D, H, rel_err
 
 import moeify
 from moeify import ConfigError, MoELayer
@@ -377,7 +377,7 @@ def test_hash_router_not_wired_without_input_ids():
 
 @pytest.mark.parametrize("surgery, name", [("module", "llama"), ("chain", "bert"), ("forward", "raw_linear")])
 def test_every_surgery_keeps_its_promise(surgery, name):
-    from passes import plan
+    from moeify.passes import plan
 
     assert set(plan.PRESERVES_COMPUTATION) == set(plan.DETAILS) == {"module", "chain", "forward"}
     entry, _, ref, moe = _converted(name)

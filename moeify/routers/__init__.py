@@ -11,7 +11,7 @@
 """
 
 from moeify.routers import balanced, expert_choice, hash, random, soft, topk  # noqa: F401  (registers)
-from moeify.routers.base import Router
+from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import ROUTERS, register_router
 
 
@@ -20,4 +20,4 @@ def build_router(config) -> Router:
     return ROUTERS[config.router](config)
 
 
-__all__ = ["ROUTERS", "Router", "build_router", "register_router"]
+__all__ = ["ROUTERS", "Router", "RouterCapabilities", "build_router", "register_router"]

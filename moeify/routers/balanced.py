@@ -22,12 +22,14 @@ z-loss on the logits when `z_loss_coef > 0`; no load-balancing loss (balance hol
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from moeify.losses import router_z_loss
-from moeify.routers.base import Router
+from moeify.config import MoEConfig
+from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
 
@@ -93,6 +95,10 @@ def balanced_assignment(scores: Tensor, quota: Tensor) -> Tensor:
 @register_router("balanced")
 class BalancedRouter(Router):
     mixes_tokens = True  # in training; refused in causal decoders altogether
+
+    @classmethod
+    def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
+        return dataclasses.replace(super().capabilities(config), active_experts=1.0)  # top-1 whatever k says
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         cfg = self.config

@@ -7,6 +7,8 @@ object: no global state. One router instance may be shared by several layers (Om
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -16,13 +18,73 @@ from moeify.routing import Routing
 Tensor = torch.Tensor
 
 
+# The ONNX ops a router's layer can lower to (see moeify.lowering): ONNX Runtime's fused kernel (softmax
+# top-k token choice, dropless), moeify's sparse dispatch op, and moeify's Soft MoE op.
+ORT_MOE = "com.microsoft.MoE"
+GROUPED_FFN = "moeify.GroupedFFN"
+SOFT_EXPERTS = "moeify.SoftExperts"
+
+
+@dataclass(frozen=True)
+class RouterCapabilities:
+    """What a router does, for the code that must not ask a router its name (convert, lowering, parallel,
+    upcycling). Answered by `Router.capabilities(config)` from the class and the layer's config, so it is
+    known before any router is built.
+
+    Fields:
+        learned: has a learned projection (weight [E, D]); False for fixed rules (hash, random).
+        reads_token_ids: routes on token ids when the layer is given them (`layer(x, token_ids=ids)`);
+            convert wires the model's input_ids to such layers.
+        soft: returns a `SoftRouting` (every expert sees a mix of all tokens), not a sparse assignment.
+        mixes_tokens: one token's route depends on other tokens of the forward; refused in causal decoders.
+        active_experts: experts one token runs, on average (for the active-parameter count).
+        lowerings: the ONNX ops that can express the router's layer, in order of preference, of
+            ORT_MOE, GROUPED_FFN and SOFT_EXPERTS; an op's own file still checks what is not the router's
+            business (activation, installed runtime).
+    """
+
+    learned: bool
+    reads_token_ids: bool
+    soft: bool
+    mixes_tokens: bool
+    active_experts: float
+    lowerings: tuple[str, ...]
+
+
 class Router(nn.Module):
+    """Base class of every router. A subclass sets the class attributes below (or overrides
+    `capabilities` where they depend on the config), implements `forward`, and registers itself with
+    `@register_router("name")`; nothing else in moeify needs to know it exists."""
+
     name: str = "?"
-    # True when one token's routing depends on other tokens of the batch (expert choice, soft,
-    # balanced): such routers break causality in a decoder and are refused there.
-    mixes_tokens: bool = False
-    # True when the router has no learned projection (hash).
-    learned: bool = True
+    # Class-level defaults that `capabilities` reports; override them in a subclass.
+    learned: bool = True  # has a learned projection
+    reads_token_ids: bool = False  # routes on token ids when given
+    soft: bool = False  # returns SoftRouting
+    mixes_tokens: bool = False  # one token's route depends on other tokens of the batch
+
+    @classmethod
+    def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
+        """What this router class does under `config` (see `RouterCapabilities`)."""
+        return RouterCapabilities(
+            learned=cls.learned,
+            reads_token_ids=cls.reads_token_ids,
+            soft=cls.soft,
+            mixes_tokens=cls.mixes_tokens,
+            active_experts=float(config.k),
+            lowerings=(SOFT_EXPERTS,) if cls.soft else (GROUPED_FFN,),
+        )
+
+    @classmethod
+    def preserves_dense(cls, upcycle, config: MoEConfig) -> bool:
+        """True when experts filled by `upcycle` (an `UpcycleConfig`) reproduce the dense FFN exactly at
+        init under this router and `config`. Default: no claim."""
+        return False
+
+    @property
+    def caps(self) -> RouterCapabilities:
+        """`capabilities` for this router's own config."""
+        return type(self).capabilities(self.config)
 
     def __init__(self, config: MoEConfig):
         super().__init__()

@@ -12,12 +12,14 @@ the router mixes tokens and is refused in a causal decoder.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from moeify.losses import router_z_loss
-from moeify.routers.base import Router
+from moeify.config import MoEConfig
+from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
 
@@ -33,6 +35,12 @@ def expert_choice_capacity(num_tokens: int, k: int, num_experts: int, capacity_f
 @register_router("expert_choice")
 class ExpertChoiceRouter(Router):
     mixes_tokens = True
+
+    @classmethod
+    def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
+        # E experts x C = cf*T*k/E tokens each: cf*k experts per token on average
+        active = min(config.num_experts, max(1, round(config.k * (config.capacity_factor or 1.0))))
+        return dataclasses.replace(super().capabilities(config), active_experts=float(active))
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         cfg = self.config

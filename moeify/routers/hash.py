@@ -33,6 +33,7 @@ def fixed_routing(experts: Tensor, scores: Tensor) -> SparseRouting:
 @register_router("hash")
 class HashRouter(Router):
     learned = False
+    reads_token_ids = True
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)

@@ -30,6 +30,7 @@ Tensor = torch.Tensor
 @register_router("random")
 class RandomRouter(Router):
     learned = False
+    reads_token_ids = True  # at inference, with random_eval_rule="hash"
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)

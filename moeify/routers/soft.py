@@ -17,11 +17,13 @@ softmax) when `z_loss_coef > 0`. The paper's optional L2 normalisation of x and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moeify.config import MoEConfig
 from moeify.losses import router_z_loss
-from moeify.routers.base import Router
+from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import register_router
 from moeify.routing import SoftRouting
 
@@ -31,6 +33,12 @@ Tensor = torch.Tensor
 @register_router("soft")
 class SoftRouter(Router):
     mixes_tokens = True
+    soft = True
+
+    @classmethod
+    def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
+        # every expert runs on its slots for every token's share
+        return dataclasses.replace(super().capabilities(config), active_experts=float(config.num_experts))
 
     @staticmethod
     def num_logits(config: MoEConfig) -> int:

@@ -5,10 +5,13 @@ Shape legend: T tokens, E experts, K = config.k.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from moeify.config import MoEConfig
 from moeify.losses import load_balance_loss, router_z_loss
-from moeify.routers.base import Router
+from moeify.routers.base import GROUPED_FFN, ORT_MOE, Router, RouterCapabilities
 from moeify.routers.capacity import drop_over_capacity, expert_capacity
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
@@ -58,9 +61,14 @@ class TopKRouter(Router):
     tokens and is refused in a causal decoder (`mixes_tokens`).
     """
 
-    @property
-    def mixes_tokens(self) -> bool:  # type: ignore[override]
-        return self.config.capacity_factor is not None
+    @classmethod
+    def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
+        dropless = config.capacity_factor is None
+        # com.microsoft.MoE routes with softmax top-k (renormalised or not); sigmoid scores map to it only
+        # when renormalised (see moeify.lowering), and it has no capacity limit.
+        fused = dropless and (config.score_fn == "softmax" or config.normalize)
+        return dataclasses.replace(super().capabilities(config), mixes_tokens=not dropless,
+                                   lowerings=(ORT_MOE, GROUPED_FFN) if fused else (GROUPED_FFN,))
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         cfg = self.config

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx, nn
 
-from passes.atoms import activation_of, is_conv1d, pass_through_kind
-from passes.capture import Captured
-from passes.match import LinearRef
+from moeify.passes.atoms import activation_of, is_conv1d, pass_through_kind
+from moeify.passes.capture import Captured
+from moeify.passes.match import LinearRef
 
 
 @dataclass
@@ -131,7 +131,7 @@ def common_check(c: Candidate) -> str | None:
     """Checks every FFN rule makes; None when the candidate is fine."""
     d_model, hidden = c.up_ref.in_features, c.down_ref.in_features
     if c.activation is None:
-        from passes.atoms import SUPPORTED
+        from moeify.passes.atoms import SUPPORTED
 
         return f"activation {c.act_display} is not supported (supported: {SUPPORTED}) [{c.label}]"
     if c.down_ref.out_features != d_model:

@@ -12,9 +12,9 @@ import operator
 import torch
 from torch import fx
 
-from passes.capture import Captured
-from passes.rules.common import Candidate, activation_node, common_check, first_input, linear_ref, skip_back
-from passes.rules.gated import _branches
+from moeify.passes.capture import Captured
+from moeify.passes.rules.common import Candidate, activation_node, common_check, first_input, linear_ref, skip_back
+from moeify.passes.rules.gated import _branches
 
 NAME = "fused_gated"
 REWRITES = ("module", "forward")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from passes.atoms import MUL_TARGETS
-from passes.capture import Captured
-from passes.rules.common import Candidate, activation_node, common_check, first_input, linear_ref, skip_back
+from moeify.passes.atoms import MUL_TARGETS
+from moeify.passes.capture import Captured
+from moeify.passes.rules.common import Candidate, activation_node, common_check, first_input, linear_ref, skip_back
 
 NAME = "gated"
 REWRITES = ("module", "forward")

@@ -15,7 +15,7 @@ import torch
 import moeify
 from moeify.plot import LoadHistory
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import gpt_training  # noqa: E402

@@ -274,7 +274,7 @@ def ep_run(tmp_path_factory):
         os.environ,
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+            [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
         ),
     )
     if "GLOO_SOCKET_IFNAME" not in env and sys.platform.startswith("linux"):

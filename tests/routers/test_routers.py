@@ -83,8 +83,8 @@ def test_learned_flags():
 
 
 def test_mixes_tokens_flags():
-    assert {n for n in ROUTERS if make(n).mixes_tokens} == {"expert_choice", "soft", "balanced"}
-    assert make("topk", capacity_factor=1.0).mixes_tokens  # drop priority looks at later tokens
+    assert {n for n in ROUTERS if make(n).caps.mixes_tokens} == {"expert_choice", "soft", "balanced"}
+    assert make("topk", capacity_factor=1.0).caps.mixes_tokens  # drop priority looks at later tokens
 
 
 @pytest.mark.parametrize("name", ["topk", "expert_choice", "soft", "balanced"])

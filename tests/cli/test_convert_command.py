@@ -120,7 +120,7 @@ def test_python_dash_m(run, tmp_path):
     import sys
 
     command = [sys.executable, "-m", "moeify", "convert", "moeify.zoo:tiny_mlp", "--experts", "4"]
-    root = str(Path(__file__).resolve().parents[1])  # this checkout, whatever is installed
+    root = str(Path(__file__).resolve().parents[2])  # this checkout, whatever is installed
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, D, H
+from tests.zoo import ZOO, D, H
 
 import moeify
 from moeify import FFNMatch, Rejection
@@ -188,7 +188,7 @@ def test_rejected_hf_activation():
 
 
 def test_analysis_writes_node_meta():
-    from passes import analyse
+    from moeify.passes import analyse
 
     analysis = analyse(ZOO["gpt2"].build())
     site = analysis.sites[0]
