@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 from collections.abc import Callable, Iterable
 
 import torch
@@ -24,11 +23,21 @@ from moeify.errors import MoeifyError
 from moeify.layer import MoELayer
 from moeify.report import REPORT_ATTR, ConversionReport, FFNReport, count_params
 from moeify.upcycle import UpcycleConfig, expert_d_ff, upcycle_layer
-from moeify.passes.analyse import Analysis, Site, analyse
-from moeify.passes.calibrate import record_inputs
+from moeify.passes import (
+    Analyse,
+    Analysis,
+    Calibrate,
+    Capture,
+    PassRunner,
+    Replacement,
+    Rewrite,
+    Select,
+    Site,
+    WireTokenIds,
+)
 from moeify.passes.match import FFNMatch, Rejection
-from moeify.passes.rewrite import dense_weights, rewrite
-from moeify.passes.token_ids import HASHING_ROUTERS, wire_token_ids
+from moeify.passes.rewrite import dense_weights
+from moeify.passes.token_ids import HASHING_ROUTERS
 
 # MoEConfig fields convert fills itself: from the FFN found, or from its own arguments.
 _FROM_FFN = ("d_model", "d_ff", "activation", "gated", "bias")
@@ -43,26 +52,13 @@ def find_ffns(model: nn.Module) -> list[FFNMatch]:
 def explain_ffns(model: nn.Module) -> list[Rejection]:
     """What looked like an FFN but is not converted, each with the reason (unsupported activation, does
     not map back to the model width, hidden values used elsewhere, no safe rewrite, did not trace)."""
-    return _analyse(model).rejections
+    return list(_analyse(model).rejections)
 
 
 def _analyse(model: nn.Module) -> Analysis:
     if not isinstance(model, nn.Module):
         raise MoeifyError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return _stage("analyse", [], lambda: analyse(model))
-
-
-def _stage(name: str, done: list[str], fn: Callable):
-    """Run one pass; a failure that is not the user's names the pass and what ran before it."""
-    try:
-        result = fn()
-    except MoeifyError:
-        raise
-    except Exception as exc:
-        before = ", ".join(done) or "nothing"
-        raise RuntimeError(f"moeify pass {name!r} failed (ran before it: {before}): {exc}") from exc
-    done.append(name)
-    return result
+    return PassRunner().run(Analyse(), model)
 
 
 # --- option checking ------------------------------------------------------------------------------
@@ -136,31 +132,6 @@ def _check_args(experts, k, every, seed, filter_fn, inplace) -> None:
         raise ConfigError(f"filter_fn must be callable as filter_fn(module, name) -> bool, got {filter_fn!r}")
     if not isinstance(inplace, bool):
         raise ConfigError(f"inplace must be True or False, got {inplace!r}")
-
-
-# --- selection ------------------------------------------------------------------------------------
-
-
-def _select(model: nn.Module, sites: list[Site], include, exclude, filter_fn, every) -> list[Site]:
-    """include globs, then exclude globs, then filter_fn(module, name); then every n-th of what is left
-    (the n-th, 2n-th, ... in module order: every=2 converts FFNs 2, 4, 6, ...)."""
-    names = [s.match.name for s in sites]
-    chosen = list(sites)
-    if include is not None:
-        for pattern in include:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ConfigError(
-                    f"include pattern {pattern!r} matches no FFN; FFNs found: "
-                    f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
-                )
-        chosen = [s for s in chosen if any(fnmatch.fnmatchcase(s.match.name, p) for p in include)]
-    if exclude is not None:
-        chosen = [s for s in chosen if not any(fnmatch.fnmatchcase(s.match.name, p) for p in exclude)]
-    if filter_fn is not None:
-        chosen = [
-            s for s in chosen if filter_fn(model.get_submodule(s.match.name.split("#")[0]), s.match.name)
-        ]
-    return [s for i, s in enumerate(chosen) if i % every == every - 1]
 
 
 # --- convert --------------------------------------------------------------------------------------
@@ -248,15 +219,15 @@ def convert(
     ucfg = _upcycle_config(init, seed)
 
     target = model if inplace else copy.deepcopy(model)
-    done: list[str] = []
-    analysis = _stage("analyse", done, lambda: analyse(target))
+    runner = PassRunner()
+    analysis = runner.run(Analyse(runner.run(Capture(), target)), target)
     sites = analysis.sites
     if not sites:
         raise MoeifyError(
             f"no FFN found in this {type(model).__name__} ({len(analysis.rejections)} candidates "
             "rejected); run `moeify inspect -v` (or moeify.explain_ffns(model)) to see why"
         )
-    selected = _stage("select", done, lambda: _select(target, sites, include, exclude, filter_fn, every))
+    selected = runner.run(Select(sites, include, exclude, filter_fn, every), target).sites
     if not selected:
         raise MoeifyError(
             f"no FFN selected out of {len(sites)} found (include={include}, exclude={exclude}, "
@@ -264,7 +235,7 @@ def convert(
         )
     calib = {}
     if calibration is not None:
-        calib = _stage("calibrate", done, lambda: record_inputs(target, selected, calibration))
+        calib = runner.run(Calibrate(selected, calibration), target).inputs
 
     params_before = count_params(target)
     layers: list[tuple[Site, MoEConfig, MoELayer]] = []
@@ -296,44 +267,27 @@ def convert(
         if progress is not None:
             progress(m.name, index + 1, len(selected))
 
-    def apply_all():
-        for site, _, layer in layers:
-            rewrite(target, site, layer)
-
-    _stage("rewrite", done, apply_all)
-    wiring = []
+    runner.run(Rewrite(tuple(Replacement(site, layer) for site, _, layer in layers), ucfg), target)
     if router in HASHING_ROUTERS:
-        wiring.append(
-            _stage("token_ids", done, lambda: wire_token_ids(target, [lay for _, _, lay in layers]))
-        )
+        runner.run(WireTokenIds(tuple(layer for _, _, layer in layers)), target)
     report = _report(
         target,
         analysis,
         layers,
         params_before,
         options={"experts": experts, "router": router, "k": k, "config": _jsonable(overrides), "seed": seed},
-        selection=_selection_note(include, exclude, every, filter_fn),
+        passes=runner.summaries,
         init=init if isinstance(init, str) else ucfg.to_dict(),
     )
-    report = dataclasses.replace(report, passes=report.passes + tuple(wiring))
     setattr(target, REPORT_ATTR, report)
     return target
 
 
-def _selection_note(include, exclude, every: int, filter_fn) -> str:
-    """The selection options that narrowed the FFNs, for the report's select pass ("" when none did)."""
-    return ", ".join(
-        f"{k}={v!r}"
-        for k, v in (("include", include), ("exclude", exclude), ("every", every))
-        if v not in (None, 1)
-    ) + (", filter_fn" if filter_fn else "")
-
-
-def _report(model, analysis, layers, params_before: int, *, options: dict, selection: str,
+def _report(model, analysis, layers, params_before: int, *, options: dict, passes: tuple[str, ...],
             init) -> ConversionReport:
     """The conversion's report. `options`: the user's experts, router, k, config and seed (recorded with
-    the converted FFNs, so a rebuild selects exactly them); `selection`: `_selection_note`; `init`: the
-    strategy as given (a name) or its full config."""
+    the converted FFNs, so a rebuild selects exactly them); `passes`: each pass's summary line; `init`:
+    the strategy as given (a name) or its full config."""
     ffns, inactive = [], 0
     for site, cfg, layer in layers:
         after = count_params(layer)
@@ -363,16 +317,6 @@ def _report(model, analysis, layers, params_before: int, *, options: dict, selec
     # Recorded as a selection of exactly the converted FFNs, so a rebuild from the report matches them.
     recorded = {**options, "every": 1, "include": list(converted), "exclude": None,
                 "expert_d_ff": {f.name: f.expert_d_ff for f in ffns}}
-    by_surgery: dict[str, int] = {}
-    for f in ffns:
-        by_surgery[f.rewrite] = by_surgery.get(f.rewrite, 0) + 1
-    passes = (
-        analysis.capture.summary,
-        analysis.summary,
-        f"select: {len(ffns)}/{len(analysis.sites)} FFNs selected{f' ({selection})' if selection else ''}",
-        f"rewrite: {len(ffns)}/{len(ffns)} FFNs converted "
-        f"({', '.join(f'{n} {s}' for s, n in sorted(by_surgery.items()))})",
-    )
     return ConversionReport(
         ffns=tuple(ffns),
         found=len(analysis.sites),

@@ -9,9 +9,10 @@ Nothing here changes the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
-from torch import fx, nn
+from torch import nn
 
 from moeify.passes import plan
 from moeify.passes.atoms import is_activation_module, is_linear_module
@@ -23,20 +24,24 @@ from moeify.passes.rules.common import Candidate, linear_ref
 META = "moeify.analyse"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Site:
-    """A found FFN and what the rewrite needs: the candidate (graph and nodes) and the chosen surgery."""
+    """A found FFN and what the rewrite needs: the candidate (graph and nodes), the rule that matched it,
+    and the surgery chosen for it (executed by rewrite as it stands)."""
 
     match: FFNMatch
     cand: Candidate
     rule: object
+    surgery: plan.Surgery
     order: tuple
 
 
-@dataclass
+@dataclass(frozen=True)
 class Analysis:
-    sites: list[Site] = field(default_factory=list)
-    rejections: list[Rejection] = field(default_factory=list)
+    """What analyse produced: the FFNs found (in module order) and the candidates rejected, with why."""
+
+    sites: tuple[Site, ...] = ()
+    rejections: tuple[Rejection, ...] = ()
     capture: CaptureResult | None = None
 
     @property
@@ -44,15 +49,33 @@ class Analysis:
         return [s.match for s in self.sites]
 
     @property
-    def summary(self) -> str:
-        by_rule: dict[str, int] = {}
+    def by_rule(self) -> dict[str, int]:
+        """Rule name -> FFNs it found."""
+        counts: dict[str, int] = {}
         for s in self.sites:
-            by_rule[s.match.rule] = by_rule.get(s.match.rule, 0) + 1
-        kinds = ", ".join(f"{n} {r}" for r, n in sorted(by_rule.items()))
+            counts[s.match.rule] = counts.get(s.match.rule, 0) + 1
+        return counts
+
+    @property
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {r}" for r, n in sorted(self.by_rule.items()))
         return (
             f"analyse: found {len(self.sites)} FFNs{f' ({kinds})' if kinds else ''}, "
             f"{len(self.rejections)} candidates rejected"
         )
+
+
+@dataclass(frozen=True)
+class Analyse:
+    """The analyse pass: find the FFNs in `captured` (captured here when None)."""
+
+    name: ClassVar[str] = "analyse"
+    modifies_model: ClassVar[bool] = False
+    preserves_computation: ClassVar[bool] = True
+    captured: CaptureResult | None = None
+
+    def run(self, model: nn.Module) -> Analysis:
+        return analyse(model, self.captured)
 
 
 def _rank(cap: Captured) -> tuple:
@@ -139,7 +162,8 @@ def analyse(model: nn.Module, captured: CaptureResult | None = None) -> Analysis
         for rule, cand, reason in _candidates(cap):
             by_key.setdefault(cand.key, []).append((rule, cand, reason))
 
-    analysis = Analysis(capture=captured)
+    sites: list[Site] = []
+    rejections: list[Rejection] = []
     seen_rejections: set[tuple] = set()
     for entries in by_key.values():
         entries.sort(key=lambda e: _rank(e[1].cap))
@@ -149,22 +173,22 @@ def analyse(model: nn.Module, captured: CaptureResult | None = None) -> Analysis
             if reason is not None:
                 reasons.append(reason)
                 continue
-            strategy, why_not = plan.choose(cand, rule)
-            if strategy is None:
+            surgery, why_not = plan.choose(cand, rule)
+            if surgery is None:
                 reasons.append(
                     f"matched rule {rule.NAME!r} at {cand.cap.site} but no safe rewrite: {why_not}"
                 )
                 continue
-            chosen = (rule, cand, strategy)
+            chosen = (rule, cand, surgery)
             break
         first = entries[0][1]
         if chosen is None:
             rej = Rejection(first.cap.path, reasons[0])
             if (rej.name, rej.reason) not in seen_rejections:
                 seen_rejections.add((rej.name, rej.reason))
-                analysis.rejections.append(rej)
+                rejections.append(rej)
             continue
-        rule, cand, strategy = chosen
+        rule, cand, surgery = chosen
         up, gate, down = cand.up_ref, cand.gate_ref, cand.down_ref
         match = FFNMatch(
             name=cand.cap.path,
@@ -178,31 +202,27 @@ def analyse(model: nn.Module, captured: CaptureResult | None = None) -> Analysis
             gate=gate,
             rule=rule.NAME,
             site=cand.cap.site,
-            rewrite=strategy,
+            rewrite=surgery.name,
             causal=is_causal(model, cand.cap.path),
         )
         order = (module_order.get(cand.cap.path, 0), list(cand.cap.graph.nodes).index(cand.down))
-        analysis.sites.append(Site(match, cand, rule, order))
-    analysis.sites.sort(key=lambda s: s.order)
-    _name_uniquely(analysis.sites)
-    for site in analysis.sites:
+        sites.append(Site(match, cand, rule, surgery, order))
+    sites = _name_uniquely(sorted(sites, key=lambda s: s.order))
+    for site in sites:
         for node, role in _roles(site.cand).items():
             node.meta[META] = {"ffn": site.match.name, "role": role, "rule": site.match.rule}
-    analysis.rejections.extend(_unanalysed(model, captured, covered))
-    return analysis
+    rejections.extend(_unanalysed(model, captured, covered))
+    return Analysis(tuple(sites), tuple(rejections), captured)
 
 
-def _name_uniquely(sites: list[Site]) -> None:
+def _name_uniquely(sites: list[Site]) -> list[Site]:
     """Two FFNs in one module (rare) get `name#1`, `name#2`, ... after the first."""
-    import dataclasses
-
     seen: dict[str, int] = {}
+    out = []
     for site in sites:
         n = seen.get(site.match.name, 0)
         seen[site.match.name] = n + 1
         if n:
-            site.match = dataclasses.replace(site.match, name=f"{site.match.name}#{n}")
-
-
-def node_meta(node: fx.Node) -> dict | None:
-    return node.meta.get(META)
+            site = replace(site, match=replace(site.match, name=f"{site.match.name}#{n}"))
+        out.append(site)
+    return out

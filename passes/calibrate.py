@@ -3,12 +3,16 @@
 Used by calibration-based upcycling (k-means router init, clustered neuron split). For every selected
 FFN it records its input x [N, D] (all leading dims flattened; every call of a shared FFN is kept).
 The up projection gets a forward pre-hook when it is a module; an FFN written with F.linear gets a
-temporary copy of its traced method that records x, removed afterwards.
+temporary copy of its traced method that records x, removed afterwards. The model runs in eval mode;
+every module's training flag is put back as it was.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -55,7 +59,7 @@ def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tens
     """FFN name -> its inputs [N, D] over one forward of `model` on `inputs` (a tensor, tuple or dict)."""
     sinks: dict[str, list] = {s.match.name: [] for s in sites}
     hooks, patched, recorders, copies = [], [], [], {}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         for site in sites:
             cand, sink = site.cand, sinks[site.match.name]
@@ -95,8 +99,33 @@ def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tens
                 host.__dict__[method] = previous
         for host, name in recorders:
             delattr(host, name)
-        model.train(was_training)
+        for m, training in modes:  # model.train(flag) would set one flag on every module
+            m.training = training
     return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in sinks.items()}
 
 
-__all__ = ["record_inputs"]
+@dataclass(frozen=True)
+class CalibrateResult:
+    inputs: Mapping[str, Tensor]  # FFN name -> its inputs [N, D]
+
+    @property
+    def summary(self) -> str:
+        rows = sum(x.shape[0] for x in self.inputs.values())
+        return f"calibrate: recorded the inputs of {len(self.inputs)} FFNs ({rows} rows)"
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    """The calibrate pass: one forward of the dense model on `inputs`, recording each site's FFN input."""
+
+    name: ClassVar[str] = "calibrate"
+    modifies_model: ClassVar[bool] = False
+    preserves_computation: ClassVar[bool] = True
+    sites: tuple[Site, ...]
+    inputs: Any  # model inputs: a tensor, a tuple of args or a dict of kwargs
+
+    def run(self, model: nn.Module) -> CalibrateResult:
+        return CalibrateResult(record_inputs(model, list(self.sites), self.inputs))
+
+
+__all__ = ["Calibrate", "CalibrateResult", "record_inputs"]

@@ -22,7 +22,9 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import fx, nn
 
@@ -57,20 +59,40 @@ class Captured:
         return where if self.method == "forward" else f"{where}.{self.method}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaptureResult:
-    graphs: list[Captured] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)  # module path -> first line of the error
+    """What capture produced: the graphs traced, the modules whose forward did not trace (path -> first
+    line of the error), and how many modules it tried."""
+
+    graphs: tuple[Captured, ...] = ()
+    failures: Mapping[str, str] = field(default_factory=dict)
     tried: int = 0
 
     @property
+    def traced(self) -> int:
+        """Modules whose own forward traced as it is (rewritable)."""
+        return len({c.path for c in self.graphs if c.method == "forward" and not c.concrete})
+
+    @property
     def summary(self) -> str:
-        traced = len({c.path for c in self.graphs if c.method == "forward" and not c.concrete})
         methods = sum(1 for c in self.graphs if c.method != "forward")
         fixed = sum(1 for c in self.graphs if c.concrete)
         extra = [f"{fixed} more with flags fixed (analysis only)"] if fixed else []
         extra += [f"{methods} methods of modules that did not trace"] if methods else []
-        return f"capture: traced {traced}/{self.tried} candidate modules" + "".join(f", {e}" for e in extra)
+        counts = f"capture: traced {self.traced}/{self.tried} candidate modules"
+        return counts + "".join(f", {e}" for e in extra)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """The capture pass: trace every module of the model that could hold an FFN."""
+
+    name: ClassVar[str] = "capture"
+    modifies_model: ClassVar[bool] = False
+    preserves_computation: ClassVar[bool] = True
+
+    def run(self, model: nn.Module) -> CaptureResult:
+        return capture(model)
 
 
 class _Tracer(fx.Tracer):
@@ -194,20 +216,22 @@ def _may_hold_ffn(module: nn.Module) -> bool:
 
 def capture(model: nn.Module) -> CaptureResult:
     """Trace every module of `model` that could hold an FFN, children first."""
-    result = CaptureResult()
+    graphs: list[Captured] = []
+    failures: dict[str, str] = {}
+    tried = 0
     failed: set[int] = set()
     named = list(model.named_modules())
     for path, module in reversed(named):  # reversed pre-order: every module after its descendants
         if is_atom(module) or isinstance(module, (nn.ModuleList, nn.ModuleDict)) or not _may_hold_ffn(module):
             continue
-        result.tried += 1
+        tried += 1
         modules = dict(module.named_modules())
         try:
             graph = _trace(module, failed)
-            result.graphs.append(Captured(path, "forward", graph, module, modules))
+            graphs.append(Captured(path, "forward", graph, module, modules))
             continue
         except Exception as exc:  # any failure of user code under tracing makes this module a leaf
-            result.failures[path] = _first_line(exc)
+            failures[path] = _first_line(exc)
             failed.add(id(module))
         # second try, analysis-only: the undecorated forward (HF wraps it in a *args/**kwargs
         # checkpointing shim) with flags and **kwargs fixed
@@ -216,7 +240,7 @@ def capture(model: nn.Module) -> CaptureResult:
         if fixed or forward is not type(module).forward:
             try:
                 graph = _trace(module, failed - {id(module)}, concrete_args=fixed, fn=forward)
-                result.graphs.append(Captured(path, "forward", graph, module, modules, concrete=True))
+                graphs.append(Captured(path, "forward", graph, module, modules, concrete=True))
             except Exception:  # the second try is best effort; the first error is the one reported
                 pass
         linear_children = {name for name, child in module.named_children() if _matrices(child, 1) >= 1}
@@ -225,12 +249,8 @@ def capture(model: nn.Module) -> CaptureResult:
                 graph = _trace(module, failed - {id(module)}, method=method)
             except Exception:  # a method that does not trace is simply not a capture site
                 continue
-            result.graphs.append(Captured(path, method, graph, module, modules))
-    return result
+            graphs.append(Captured(path, method, graph, module, modules))
+    return CaptureResult(tuple(graphs), failures, tried)
 
 
-def linear_atom_paths(graph: fx.Graph) -> set[str]:
-    return {n.target for n in graph.nodes if n.op == "call_module"}
-
-
-__all__ = ["Captured", "CaptureResult", "capture", "linear_atom_paths"]
+__all__ = ["Capture", "Captured", "CaptureResult", "capture"]

@@ -1,29 +1,83 @@
-"""Which surgery can replace a found FFN, decided before anything is changed.
+"""The surgery plan: which surgery replaces a found FFN, chosen once (by analyse, before anything is
+changed) as a frozen object that rewrite.py executes as it stands.
 
 Three surgeries, tried in the rule's order of preference (see rules/*.REWRITES):
 
-- "module": the traced module computes the FFN and nothing else (LlamaMLP, GPT2MLP, T5DenseActDense,
-  a Sequential(Linear, act, Linear) inside a model): the module is swapped for an MoELayer (or a thin
-  adapter when its call takes more than x or ends in a dropout).
-- "chain": up, activation and down are separate atoms whose values feed only each other (BERT's
-  intermediate/output split, TransformerEncoderLayer, ALBERT): the down projection becomes the MoELayer
-  taking the D-wide input, the up projection and activation become pass-throughs. Everything around
-  them -- residuals, LayerNorms, the dropout after the FFN -- is untouched and runs as before.
-- "forward": anything else that traced faithfully (an FFN written with F.linear on parameters inside a
-  bigger forward): the traced method is regenerated with the FFN replaced by a call to an MoELayer
-  registered on the module.
+- `ModuleSurgery` ("module"): the traced module computes the FFN and nothing else (LlamaMLP, GPT2MLP,
+  T5DenseActDense, a Sequential(Linear, act, Linear) inside a model): the module is swapped for an
+  MoELayer (or a thin adapter when its call takes more than x or ends in a dropout).
+- `ChainSurgery` ("chain"): up, activation and down are separate atoms whose values feed only each
+  other (BERT's intermediate/output split, TransformerEncoderLayer, ALBERT): the down projection becomes
+  the MoELayer taking the D-wide input, the up projection and activation become pass-throughs.
+  Everything around them -- residuals, LayerNorms, the dropout after the FFN -- is untouched.
+- `ForwardSurgery` ("forward"): anything else that traced faithfully (an FFN written with F.linear on
+  parameters inside a bigger forward): the traced method is regenerated with the FFN replaced by a call
+  to an MoELayer registered on the module.
 
-Each `*_details` returns (details, None) or (None, reason); `choose` returns the first that applies.
+Each `*_surgery(candidate)` returns (surgery, None) or (None, the reason it does not apply); `choose`
+returns the first that applies.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import ClassVar
 
-from torch import fx
+from torch import fx, nn
 
 from moeify.passes.atoms import pass_through_kind
 from moeify.passes.rules.common import Candidate
+
+
+# What each surgery promises (`preserves_computation`): with an MoELayer that computes the dense FFN
+# (copy + renormalised top-k), the model computes what it did, in eval mode. (In training, dropout
+# between activation and down projection is gone.) tests/passes/test_pass_promises.py holds each to it.
+
+
+@dataclass(frozen=True)
+class ModuleSurgery:
+    """Swap the FFN's whole module for the MoELayer.
+
+    x_index, x_name: where the FFN's input arrives in the module's call (position, keyword).
+    trailing: the dropouts after the FFN, kept: a submodule path (relative to the module) or the rate
+        of a functional dropout.
+    bare: the MoELayer can stand in the module's place as it is (x first and only, no trailing dropout);
+        otherwise an adapter (`MoEBlock`) takes the call.
+    """
+
+    name: ClassVar[str] = "module"
+    preserves_computation: ClassVar[bool] = True
+    x_index: int
+    x_name: str
+    trailing: tuple[str | float, ...] = ()
+    bare: bool = True
+
+
+@dataclass(frozen=True)
+class ChainSurgery:
+    """The down projection's module becomes the MoELayer; the modules in `identities` (the up
+    projection first, then the activation and dropout modules between) become pass-throughs, and each
+    (module, attribute) in `functions` holding the activation function gets the identity function.
+    Paths are relative to the traced module."""
+
+    name: ClassVar[str] = "chain"
+    preserves_computation: ClassVar[bool] = True
+    down: str
+    identities: tuple[str, ...]
+    functions: tuple[tuple[nn.Module, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ForwardSurgery:
+    """Regenerate the traced method with the FFN's nodes replaced by a call to the MoELayer."""
+
+    name: ClassVar[str] = "forward"
+    preserves_computation: ClassVar[bool] = True
+
+
+Surgery = ModuleSurgery | ChainSurgery | ForwardSurgery
+SURGERIES: tuple[type, ...] = (ModuleSurgery, ChainSurgery, ForwardSurgery)
 
 
 def _pure_helpers(graph: fx.Graph, keep: set) -> set:
@@ -48,7 +102,7 @@ def trailing_dropouts(c: Candidate) -> list[fx.Node]:
     return out
 
 
-def module_details(c: Candidate):
+def module_surgery(c: Candidate) -> tuple[ModuleSurgery | None, str | None]:
     cap = c.cap
     if cap.concrete:
         return None, "its module traced only with fixed defaults"
@@ -71,9 +125,12 @@ def module_details(c: Candidate):
     extra = [n for n in graph.nodes if n not in keep and n not in _pure_helpers(graph, keep)]
     if extra:
         return None, f"the module computes more than the FFN ({', '.join(n.name for n in extra[:3])})"
-    if any(n.op == "call_function" and not _dropout_p(n) for n in trailing):
+    dropouts = tuple(n.target if n.op == "call_module" else _dropout_p(n) for n in trailing)
+    if any(d is None for d in dropouts):
         return None, "the dropout after the FFN has no constant rate"
-    return {"x_index": placeholders.index(c.x), "x_name": c.x.target, "trailing": trailing}, None
+    x_index = placeholders.index(c.x)
+    bare = x_index == 0 and not dropouts and len(placeholders) == 1
+    return ModuleSurgery(x_index=x_index, x_name=c.x.target, trailing=dropouts, bare=bare), None
 
 
 def _dropout_p(node: fx.Node) -> float | None:
@@ -99,7 +156,7 @@ def function_owner(c: Candidate, fn) -> tuple | None:
     return owners[0] if len(owners) == 1 else None
 
 
-def chain_details(c: Candidate):
+def chain_surgery(c: Candidate) -> tuple[ChainSurgery | None, str | None]:
     # A graph traced with fixed flags is fine here: the surgery swaps atoms and never runs the graph,
     # and the FFN's own data flow does not depend on a layer's flags.
     cap = c.cap
@@ -109,27 +166,27 @@ def chain_details(c: Candidate):
     for node in (c.up, c.down) + ((c.act,) if c.act.op == "call_module" else ()):
         if calls.count(node.target) != 1:
             return None, f"{cap.full(node.target)} is called more than once"
-    identities, functions = [c.up], []
+    identities, functions = [c.up.target], []
     for node in c.body:
         if node in (c.up, c.down):
             continue
         if node is c.act:
             if node.op == "call_module":
-                identities.append(node)
+                identities.append(node.target)
             elif node.op == "call_function" and (owner := function_owner(c, node.target)) is not None:
                 functions.append(owner)
             else:
                 return None, "the activation is called directly in code, not through an attribute"
         elif pass_through_kind(node, cap.modules) == "dropout":
             if node.op == "call_module":
-                identities.append(node)
+                identities.append(node.target)
             elif _dropout_p(node) != 0:  # p=0 (BART's default activation_dropout) does nothing anywhere
                 return None, f"a functional dropout (p={_dropout_p(node)}) sits between the projections"
         # casts stay: applied to the D-wide input they change nothing
-    return {"identities": identities, "functions": functions}, None
+    return ChainSurgery(down=c.down.target, identities=tuple(identities), functions=tuple(functions)), None
 
 
-def forward_details(c: Candidate):
+def forward_surgery(c: Candidate) -> tuple[ForwardSurgery | None, str | None]:
     cap = c.cap
     if cap.concrete:
         return None, "its module traced only with fixed defaults"
@@ -141,23 +198,18 @@ def forward_details(c: Candidate):
             and node.target in {b.target for b in body if b.op == "call_module"}
         ):
             return None, f"{cap.full(node.target)} is also called outside the FFN"
-    return {}, None
+    return ForwardSurgery(), None
 
 
-DETAILS = {"module": module_details, "chain": chain_details, "forward": forward_details}
-
-# What each surgery promises: with an MoELayer that computes the dense FFN (copy + renormalised top-k),
-# the model computes what it did, in eval mode. (In training, dropout between activation and down
-# projection is gone.) tests/test_convert.py checks each promise on a model that uses the surgery.
-PRESERVES_COMPUTATION = {"module": True, "chain": True, "forward": True}
+_CHOOSERS = {"module": module_surgery, "chain": chain_surgery, "forward": forward_surgery}
 
 
-def choose(c: Candidate, rule) -> tuple[str | None, str | None]:
+def choose(c: Candidate, rule) -> tuple[Surgery | None, str | None]:
     """The first surgery of the rule's preference that applies, or (None, the reasons)."""
     reasons = []
     for name in rule.REWRITES:
-        details, why = DETAILS[name](c)
-        if details is not None:
-            return name, None
+        surgery, why = _CHOOSERS[name](c)
+        if surgery is not None:
+            return surgery, None
         reasons.append(f"{name}: {why}")
     return None, "; ".join(reasons)

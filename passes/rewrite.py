@@ -1,8 +1,9 @@
 """Rewrite: put an MoELayer where a found FFN was, by surgery on the user's own module tree.
 
 The model keeps its class and everything outside the FFN; only the FFN's atoms (or its whole module)
-are replaced. See plan.py for the three surgeries. A module object reachable under several paths (a
-shared layer) is replaced under all of them, so it stays shared.
+are replaced. Each site carries the surgery analyse chose for it (plan.py); `apply_surgery` executes it
+as it stands. A module object reachable under several paths (a shared layer) is replaced under all of
+them, so it stays shared.
 
 Dropout *inside* the FFN (between activation and down projection) is not carried over: an MoELayer has
 no hidden dropout. Dropout *after* the FFN is kept.
@@ -10,16 +11,21 @@ no hidden dropout. Dropout *after* the FFN is kept.
 
 from __future__ import annotations
 
+import functools
 import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from moeify.upcycle import DenseFFNWeights
-from moeify.passes import plan
 from moeify.passes.analyse import Site
 from moeify.passes.match import FFNMatch, LinearRef
+from moeify.passes.plan import ChainSurgery, ForwardSurgery, ModuleSurgery
+from moeify.upcycle import DenseFFNWeights, UpcycleConfig
+from moeify.upcycle.preservation import preserves_config
 
 Tensor = torch.Tensor
 META = "moeify.rewrite"
@@ -140,46 +146,33 @@ def _disable_torch_fast_paths(model: nn.Module, owner: nn.Module) -> None:
 # --- surgeries -----------------------------------------------------------------------------------
 
 
-def _module_surgery(model: nn.Module, site: Site, layer: nn.Module) -> None:
-    details, why = plan.module_details(site.cand)
-    if details is None:
-        raise RuntimeError(f"{site.match.name}: module surgery no longer applies: {why}")
-    host = site.cand.cap.module
-    dropout = None
-    trailing = details["trailing"]
-    if trailing:
-        drops = []
-        for node in trailing:
-            if node.op == "call_module":
-                drops.append(site.cand.cap.modules[node.target])
-            else:
-                drops.append(nn.Dropout(plan._dropout_p(node)))
-        dropout = drops[0] if len(drops) == 1 else nn.Sequential(*drops)
-    simple = (
-        details["x_index"] == 0
-        and dropout is None
-        and sum(1 for n in site.cand.cap.graph.nodes if n.op == "placeholder") == 1
-    )
-    new = layer if simple else MoEBlock(layer, details["x_index"], details["x_name"], dropout)
-    if replace_module(model, host, new) == 0:
+@functools.singledispatch
+def apply_surgery(surgery, model: nn.Module, site: Site, layer: nn.Module) -> None:
+    """Execute `surgery` (the one analyse chose for `site`): put `layer` where the FFN was."""
+    raise TypeError(f"{site.match.name}: no rewrite for a surgery of type {type(surgery).__name__}")
+
+
+@apply_surgery.register(ModuleSurgery)
+def _module_surgery(surgery: ModuleSurgery, model: nn.Module, site: Site, layer: nn.Module) -> None:
+    cap = site.cand.cap
+    drops = [cap.modules[d] if isinstance(d, str) else nn.Dropout(d) for d in surgery.trailing]
+    dropout = None if not drops else drops[0] if len(drops) == 1 else nn.Sequential(*drops)
+    new = layer if surgery.bare else MoEBlock(layer, surgery.x_index, surgery.x_name, dropout)
+    if replace_module(model, cap.module, new) == 0:
         raise RuntimeError(f"{site.match.name}: module not found in the model")
 
 
-def _chain_surgery(model: nn.Module, site: Site, layer: nn.Module) -> None:
-    details, why = plan.chain_details(site.cand)
-    if details is None:
-        raise RuntimeError(f"{site.match.name}: chain surgery no longer applies: {why}")
+@apply_surgery.register(ChainSurgery)
+def _chain_surgery(surgery: ChainSurgery, model: nn.Module, site: Site, layer: nn.Module) -> None:
     cap = site.cand.cap
-    down = cap.modules[site.cand.down.target]
-    replace_module(model, down, layer)
-    for node in details["identities"]:
-        replace_module(model, cap.modules[node.target], PassThrough())
-    for owner, attr in details["functions"]:
+    replace_module(model, cap.modules[surgery.down], layer)
+    for path in surgery.identities:
+        replace_module(model, cap.modules[path], PassThrough())
+    for owner, attr in surgery.functions:
         setattr(owner, attr, identity)
     owners = {id(cap.module): cap.module}
-    for node in (site.cand.up, site.cand.down):
-        path = node.target.rsplit(".", 1)[0] if "." in node.target else ""
-        owner = cap.module.get_submodule(path)
+    for path in (surgery.identities[0], surgery.down):  # the up and down projections' parents
+        owner = cap.module.get_submodule(path.rpartition(".")[0])
         owners[id(owner)] = owner
     for owner in owners.values():
         _disable_torch_fast_paths(model, owner)
@@ -208,7 +201,8 @@ def _live_training_flags(graph: fx.Graph) -> None:
                 node.kwargs = {**node.kwargs, "training": flag}
 
 
-def _forward_surgery(model: nn.Module, site: Site, layer: nn.Module) -> None:
+@apply_surgery.register(ForwardSurgery)
+def _forward_surgery(surgery: ForwardSurgery, model: nn.Module, site: Site, layer: nn.Module) -> None:
     cand = site.cand
     cap = cand.cap
     host, graph = cap.module, cap.graph
@@ -250,9 +244,65 @@ def _forward_surgery(model: nn.Module, site: Site, layer: nn.Module) -> None:
                     del owner._parameters[leaf]
 
 
-SURGERIES = {"module": _module_surgery, "chain": _chain_surgery, "forward": _forward_surgery}
-
-
 def rewrite(model: nn.Module, site: Site, layer: nn.Module) -> None:
-    """Replace the FFN of `site` by `layer` in `model` (in place)."""
-    SURGERIES[site.match.rewrite](model, site, layer)
+    """Replace the FFN of `site` by `layer` in `model` (in place), by the surgery analyse chose."""
+    apply_surgery(site.surgery, model, site, layer)
+
+
+# --- the pass --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One FFN to replace: where it is (`site`) and the layer that takes its place."""
+
+    site: Site
+    layer: nn.Module
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    converted: tuple[str, ...]  # FFN names, in the order replaced
+    by_surgery: Mapping[str, int]  # surgery name -> FFNs replaced by it
+    planned: int
+
+    @property
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {s}" for s, n in sorted(self.by_surgery.items()))
+        return f"rewrite: {len(self.converted)}/{self.planned} FFNs converted ({kinds})"
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """The rewrite pass: every replacement's layer goes where its FFN was.
+
+    It changes the model. It preserves the computation (eval mode, within float rounding) when every
+    surgery does and every layer computes its dense FFN at init: `init`, the upcycling that filled the
+    layers, claims that for the layer's config (`moeify.upcycle.preservation.preserves_config`).
+    Without `init` nothing is claimed.
+    """
+
+    name: ClassVar[str] = "rewrite"
+    modifies_model: ClassVar[bool] = True
+    replacements: tuple[Replacement, ...]
+    init: UpcycleConfig | None = None
+
+    @property
+    def preserves_computation(self) -> bool:
+        if self.init is None:
+            return False
+        for r in self.replacements:
+            config = getattr(r.layer, "config", None)
+            if config is None or not r.site.surgery.preserves_computation:
+                return False
+            if not preserves_config(self.init, config):
+                return False
+        return True
+
+    def run(self, model: nn.Module) -> RewriteResult:
+        by_surgery: dict[str, int] = {}
+        for r in self.replacements:
+            rewrite(model, r.site, r.layer)
+            by_surgery[r.site.surgery.name] = by_surgery.get(r.site.surgery.name, 0) + 1
+        names = tuple(r.site.match.name for r in self.replacements)
+        return RewriteResult(names, by_surgery, len(self.replacements))

@@ -21,6 +21,8 @@ a deep copy of the model carries working hooks of its own.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -44,20 +46,50 @@ def _give_ids(layer: nn.Module, args: tuple, kwargs: dict):
     return args, {**kwargs, "token_ids": ids}
 
 
-def wire_token_ids(model: nn.Module, layers: list[nn.Module]) -> str:
-    """Install the hooks when the model can give ids to `layers`; returns a line for the report."""
+def _why_not_wired(model: nn.Module) -> str | None:
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
     if "input_ids" not in params:
-        return (
-            "token ids: not wired (the model's forward takes no input_ids); the router hashes hidden states"
-        )
+        return "the model's forward takes no input_ids"
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "token ids: not wired (encoder-decoder model); the router hashes hidden states"
-    model.register_forward_pre_hook(_remember_ids, with_kwargs=True)
-    for layer in layers:
-        layer.__dict__[ROOT_ATTR] = model  # unregistered back-reference: not a submodule, not saved
-        layer.register_forward_pre_hook(_give_ids, with_kwargs=True)
-    return f"token ids: wired from input_ids to {len(layers)} layers"
+        return "encoder-decoder model"
+    return None
+
+
+@dataclass(frozen=True)
+class TokenIdsResult:
+    wired: int  # layers that get the ids
+    why_not: str | None = None  # why nothing was wired
+
+    @property
+    def summary(self) -> str:
+        if self.why_not is not None:
+            return f"token ids: not wired ({self.why_not}); the router hashes hidden states"
+        return f"token ids: wired from input_ids to {self.wired} layers"
+
+
+@dataclass(frozen=True)
+class WireTokenIds:
+    """The token-ids pass: install the hooks when the model can give ids to `layers`.
+
+    It changes the model (forward pre-hooks; parameters, buffers and the module tree stay) and what a
+    router that reads token ids computes, so it does not claim to preserve the computation.
+    """
+
+    name: ClassVar[str] = "token_ids"
+    modifies_model: ClassVar[bool] = True
+    preserves_computation: ClassVar[bool] = False
+    layers: tuple[nn.Module, ...]
+
+    def run(self, model: nn.Module) -> TokenIdsResult:
+        why_not = _why_not_wired(model)
+        if why_not is not None:
+            return TokenIdsResult(0, why_not)
+        model.register_forward_pre_hook(_remember_ids, with_kwargs=True)
+        for layer in self.layers:
+            layer.__dict__[ROOT_ATTR] = model  # unregistered back-reference: not a submodule, not saved
+            layer.register_forward_pre_hook(_give_ids, with_kwargs=True)
+        return TokenIdsResult(len(self.layers))
+

@@ -44,14 +44,6 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def ep_mesh(group=None, device_type: str | None = None) -> DeviceMesh:
-    """A 1-D device mesh over `group` (default: the world) on `device_type` (default from the backend)."""
-    group = resolve_group(group)
-    if device_type is None:
-        device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    return DeviceMesh.from_group(group, device_type)
-
-
 def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0,
                   timer: CommTimer | None = None) -> list[nn.Module]:
     """Shard every MoE layer's experts over `group` and install an `ExpertParallel` hook; returns the layers.
