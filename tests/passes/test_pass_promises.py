@@ -92,8 +92,17 @@ def _layers(model: nn.Module, sites, init: UpcycleConfig, calibration: dict) -> 
     out = []
     for site in sites:
         m = site.match
-        cfg = MoEConfig(d_model=m.d_model, d_ff=expert_d_ff(init, m.d_ff, E), num_experts=E, k=2,
-                        router="topk", normalize=True, activation=m.activation, gated=m.gated, bias=m.bias)
+        cfg = MoEConfig(
+            d_model=m.d_model,
+            d_ff=expert_d_ff(init, m.d_ff, E),
+            num_experts=E,
+            k=2,
+            router="topk",
+            normalize=True,
+            activation=m.activation,
+            gated=m.gated,
+            bias=m.bias,
+        )
         torch.manual_seed(0)
         layer = MoELayer(cfg, causal=m.causal).train(site.cand.cap.module.training)
         upcycle_layer(layer, dense_weights(model, m), init, calibration=calibration.get(m.name), key=m.name)
@@ -173,7 +182,9 @@ def test_a_failing_pass_names_itself_and_what_ran_before():
     model = ZOO["sequential"].build()
     runner = PassRunner()
     runner.run(Analyse(runner.run(Capture(), model)), model)
-    with pytest.raises(PassFailed, match=r"moeify pass 'broken' failed \(ran before it: capture, analyse\): boom"):
+    with pytest.raises(
+        PassFailed, match=r"moeify pass 'broken' failed \(ran before it: capture, analyse\): boom"
+    ):
         runner.run(_Broken(ValueError("boom")), model)
     with pytest.raises(MoeifyError, match="^yours$"):  # the user's errors go through as they are
         runner.run(_Broken(MoeifyError("yours")), model)
