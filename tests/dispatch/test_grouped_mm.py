@@ -247,6 +247,14 @@ def test_layer_grouped_mm_matches_reference_for_every_router(case, device):
 
 # ------------------------------------------------------------------------------------- CUDA only
 
+def test_dispatch_ops_have_cuda_kernels():
+    """Importing moeify registers the grouped path as the CUDA kernel of each dispatch op (checked on any
+    build: the CPU kernel is the ops' default, so only the CUDA key shows a kernel of its own)."""
+    for op in ("grouped_ffn", "grouped_ffn_train", "grouped_ffn_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moeify::{op}", "CUDA"), op
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"moeify::{op}", "CPU"), op
+
+
 @needs_cuda
 def test_cuda_kernels_pass_opcheck():
     """The registered CUDA kernels of the dispatch ops agree with their fake kernels and autograd."""
