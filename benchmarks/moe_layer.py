@@ -29,6 +29,8 @@ parameter grads set to None before each step.
 
 Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] [--gated] [--no-recycle]
 (glibc settings change the fresh-memory costs: see the README's speed section.)
+`--device cuda` runs the GPU table instead (bfloat16, achieved TFLOP/s, the issue's shapes): see
+benchmarks/moe_layer_gpu.py.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ class LoopMoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
         """Combine weights top_w [T, k] and, per expert with tokens, (e, slot [n_e], tokens [n_e])."""
-        logits = self.gate(x)  # [T, E]
+        # float32 logits from the (possibly bfloat16) activations, as moeify's router computes them: the
+        # two contenders then pick the same experts and their outputs can be checked against each other
+        logits = nn.functional.linear(x.float(), self.gate.weight.float())  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)  # [T, E]
         top_w, top_idx = torch.topk(probs, self.k, dim=-1)  # [T, k]
         top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(x.dtype)
@@ -205,7 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-recycle", action="store_true",
                         help="fresh memory for every stacked weight gradient (moeify.dispatch.buffers off)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU table in bfloat16 with TFLOP/s (benchmarks/moe_layer_gpu.py)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+        from moe_layer_gpu import run_table  # benchmarks/ is on sys.path when run as a script
+
+        Console(width=200).print(run_table("cuda", args.quick, args.repeats or (3 if args.quick else 7),
+                                           args.activation, args.gated))
+        return
     torch.set_num_threads(args.threads)
     moeify.dispatch.set_grad_buffer_recycling(not args.no_recycle)
     if args.quick:

@@ -116,9 +116,9 @@ class MoELayer(nn.Module):
         losses = list(routing.losses.values())
         self.last_aux_loss = torch.stack(losses).sum() if losses else None
         with torch.no_grad():
-            self.last_stats = RoutingStats(
-                tokens_per_expert=routing.tokens_per_expert(self.num_experts).detach().cpu(),
-                dropped_fraction=float(routing.dropped_fraction(self.num_experts)),
+            self.last_stats = RoutingStats(  # device tensors: read only when asked (no GPU stall here)
+                device_tokens_per_expert=routing.tokens_per_expert(self.num_experts).detach(),
+                device_dropped_fraction=routing.dropped_fraction(self.num_experts).detach(),
                 num_tokens=num_tokens,
             )
 

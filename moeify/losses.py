@@ -22,8 +22,11 @@ def load_balance_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> Te
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    valid = expert_idx[expert_idx < num_experts]  # [N']
-    counts = torch.bincount(valid, minlength=num_experts).to(probs.dtype)  # [E]
+    # Counted with scatter_add on index E for the dropped markers (no boolean mask, no bincount: both read
+    # a size back to the host, which stalls a GPU).
+    counts = torch.zeros(num_experts + 1, dtype=probs.dtype, device=probs.device)  # [E+1]
+    ones = torch.ones_like(expert_idx, dtype=probs.dtype)  # [N]
+    counts = counts.scatter_add_(0, expert_idx.clamp(max=num_experts), ones)[:num_experts]  # [E]
     fraction = counts / counts.sum().clamp(min=1)  # [E] f_e (no gradient: counts are discrete)
     mean_prob = probs.mean(dim=0)  # [E] P_e (the gradient flows here)
     return num_experts * (fraction * mean_prob).sum()

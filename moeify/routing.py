@@ -28,8 +28,9 @@ class SparseRouting:
 
     def tokens_per_expert(self, num_experts: int) -> Tensor:
         """[E] int64: assignments each expert computes (dropped ones excluded)."""
-        counts = torch.bincount(self.expert_idx, minlength=num_experts + 1)
-        return counts[:num_experts]
+        # scatter_add, not bincount: CUDA's bincount reads the largest index back to the host
+        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=self.expert_idx.device)
+        return counts.scatter_add_(0, self.expert_idx, torch.ones_like(self.expert_idx))[:num_experts]
 
     def dropped_fraction(self, num_experts: int) -> Tensor:
         """Scalar: share of assignments dropped for capacity."""

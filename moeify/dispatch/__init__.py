@@ -3,7 +3,12 @@
 Shape legend: T tokens, D model width, H expert hidden width (H1 = 2H when gated), E experts, S slots per
 expert, N assignments.
 
-`grouped_ffn` is the entry point the layer calls; `impl="reference"` selects the slow reference.
+`grouped_ffn` is the entry point the layer calls (`MoELayer.dispatch_impl` picks `impl`):
+  "fast"        the `moeify::grouped_ffn` custom ops: on the CPU a loop of per-expert GEMMs
+                (`moeify.dispatch.ops`), on CUDA the grouped-GEMM path (`moeify.dispatch.grouped`).
+  "grouped_mm"  the grouped-GEMM path (expert permutation, `torch._grouped_mm`, inverse permutation) on
+                any device, as an autograd function: how the GPU path is tested on the CPU.
+  "reference"   the slow, obviously correct reference.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import torch
 
 from moeify.activations import apply_expert_activation
 from moeify.dispatch.buffers import release_grad_buffers, set_grad_buffer_recycling
+from moeify.dispatch.grouped import grouped_mm_ffn
 from moeify.dispatch.ops import grouped_ffn_op, grouped_ffn_train_op
 from moeify.dispatch.reference import reference_grouped_ffn, reference_soft_experts
 
 Tensor = torch.Tensor
 
-_IMPLS = ("fast", "reference")
+_IMPLS = ("fast", "reference", "grouped_mm")
 
 
 def _check_impl(impl: str) -> None:
@@ -37,6 +43,8 @@ def grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor
     _check_impl(impl)
     if impl == "reference":
         return reference_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
+    if impl == "grouped_mm":
+        return grouped_mm_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, w1, b1, w2, b2))
     if wants_grad and not torch.compiler.is_exporting():
@@ -68,7 +76,10 @@ def fast_soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, 
 
 def soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                  b2: Tensor | None, activation: str, gated: bool, impl: str = "fast") -> Tensor:
-    """Soft MoE expert computation; see `reference_soft_experts`. x [T, D]; dispatch, combine [T, E*S]."""
+    """Soft MoE expert computation; see `reference_soft_experts`. x [T, D]; dispatch, combine [T, E*S].
+
+    Every expert gets exactly S slots, so the fast path is already one batched GEMM each way with no
+    permutation: "grouped_mm" runs it too."""
     _check_impl(impl)
     if impl == "reference":
         return reference_soft_experts(x, dispatch, combine, w1, b1, w2, b2, activation, gated)

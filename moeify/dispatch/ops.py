@@ -25,7 +25,8 @@ The backward is the same shape (four GEMMs per group, writing slices of the stac
 whose memory is recycled from step to step: `moeify.dispatch.buffers`). Activations and their
 derivatives use torch's fused out= kernels where torch has them (gelu, gelu_tanh, silu, relu).
 `torch._grouped_mm` works on CPU in this torch (for 16-byte-aligned strides) but measured no faster than
-the per-group `mm` loop at E=64 and 2.5x slower at E=128, so the loop it is.
+the per-group `mm` loop at E=64 and 2.5x slower at E=128, so the loop it is, on the CPU. On CUDA the three
+ops run the grouped-GEMM kernels of `moeify.dispatch.grouped` (registered there with `register_kernel`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -55,3 +57,20 @@ def test_experts_column_runs_the_loops_expert_work():
         for (_, slot, tokens), expert, rows in zip(groups, experts.experts, experts.rows, strict=True):
             out.index_add_(0, tokens, expert(rows) * top_w[tokens, slot, None])
         torch.testing.assert_close(out, loop(x))
+
+
+@pytest.mark.slow
+def test_gpu_table_code_runs_on_cpu():
+    """The `--device cuda` table's code (bfloat16, TFLOP/s columns, the loop check) on tiny CPU shapes: it is
+    ready for a GPU run. Nothing about speed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import moe_layer_gpu
+    from rich.console import Console
+
+    table = moe_layer_gpu.run_table("cpu", quick=True, repeats=1, activation="silu", gated=True)
+    console = Console(width=250, record=True)
+    console.print(table)
+    text = console.export_text()
+    for column in moe_layer_gpu.COLUMNS:
+        assert column in text
+    assert "gemm [64, 32] @ [32, 128]" in text and text.count("fwd+bwd") == 2
