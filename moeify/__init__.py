@@ -2,6 +2,7 @@
 
 from moeify.config import ConfigError, MoEConfig
 from moeify.convert import convert, explain_ffns, find_ffns
+from moeify.convert_config import ConvertConfig
 from moeify.io import load, save
 from moeify.layer import MoELayer, aux_loss
 from moeify.report import ConversionReport, conversion_report
@@ -12,7 +13,7 @@ from moeify.passes.match import FFNMatch, Rejection
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ConversionReport", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
+    "ConfigError", "ConversionReport", "ConvertConfig", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
     "aux_loss", "conversion_report", "convert", "explain_ffns", "export_onnx", "find_ffns", "load",
     "parallelize", "routing_stats", "save", "share_router",
 ]

@@ -6,18 +6,23 @@ token, so each MoE layer contributes router + shared experts + k experts; the re
 dense and fully active. (Soft MoE runs every expert on its slots: E; balanced is top-1: 1; expert choice
 runs cf*k experts per token on average.)
 
-`options` is JSON-able and rebuilds the structure: `convert(fresh_model, **report.options, init="none")`
-gives a model whose `state_dict` has the same keys and shapes, so the converted weights load into it.
+`config` is the `ConvertConfig` used, with the converted FFNs as its selection and their expert widths:
+`convert(fresh_model, report.config.replace(init="none"))` gives a model whose `state_dict` has the same keys
+and shapes, so the converted weights load into it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from moeify.errors import MoeifyError
+
+if TYPE_CHECKING:
+    from moeify.convert_config import ConvertConfig
 
 REPORT_ATTR = "_moeify_report"
 
@@ -47,8 +52,7 @@ class ConversionReport:
     params_before: int  # whole model
     params_after: int
     active_params_per_token: int
-    options: dict  # JSON-able keyword arguments of convert that rebuild the structure (init excluded)
-    init: str | dict  # the init used
+    config: ConvertConfig  # the options used; selection = the converted FFNs, expert_d_ff = their widths
     converted: tuple[str, ...]  # names (module paths) of the converted FFNs
     passes: tuple[str, ...]  # one count line per pass
 
@@ -56,9 +60,23 @@ class ConversionReport:
     def summary(self) -> str:
         return f"{len(self.ffns)}/{self.found} FFNs converted"
 
+    @property
+    def options(self) -> dict:
+        """`config` as JSON-able keyword arguments of convert, without init (and version):
+        `convert(fresh_model, **report.options, init="none")` rebuilds the structure."""
+        return {k: v for k, v in self.config.to_dict().items() if k not in ("init", "version")}
+
+    @property
+    def init(self) -> str | dict:
+        """The init used: its name when `config.init` is that strategy with default options, else its dict."""
+        ucfg = self.config.init
+        plain = type(ucfg)(init=ucfg.init, seed=self.config.seed)
+        return ucfg.init if ucfg == plain else ucfg.to_dict()
+
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["ffns"] = [asdict(f) for f in self.ffns]
+        d["config"] = self.config.to_dict()
         d["converted"] = list(self.converted)
         d["passes"] = list(self.passes)
         return d

@@ -107,7 +107,7 @@ def test_preservation_table(name, row):
         router=router,
         k=k,
         init=init,
-        config=cfg,
+        layer=cfg,
         calibration=entry.inputs() if needs_data else None,
     )
     causal = any(c for *_, c in entry.ffns.values())
@@ -275,10 +275,10 @@ def test_calibration_reaches_the_upcycling(monkeypatch):
         ({"init": "nope"}, "unknown upcycling init 'nope'"),
         ({"include": "nothing*"}, "include pattern 'nothing\\*' matches no FFN"),
         ({"include": 3}, "include must be a module-path glob"),
-        ({"config": {"k": 2}}, "pass k= to convert"),
-        ({"config": {"d_ff": 2}}, "comes from each FFN"),
-        ({"config": {"capacity_factor": -1}}, "capacity_factor must be a finite number > 0"),
-        ({"config": {"bogus": 1}}, "unknown config field 'bogus'"),
+        ({"layer": {"k": 2}}, "pass k= to convert"),
+        ({"layer": {"d_ff": 2}}, "comes from each FFN"),
+        ({"layer": {"capacity_factor": -1}}, "capacity_factor must be a finite number > 0"),
+        ({"layer": {"bogus": 1}}, "unknown layer field 'bogus'"),
         ({"filter_fn": 3}, "filter_fn must be callable"),
         ({"expert_d_ff": 16}, "conflicts with init='copy'"),
     ],
@@ -291,10 +291,11 @@ def test_bad_options_are_config_errors(kwargs, words):
 
 def test_config_as_moeconfig():
     cfg = moeify.MoEConfig(d_model=1, d_ff=1, num_experts=E, k=1, capacity_factor=2.0, aux_loss_coef=0.0)
-    moe = moeify.convert(ZOO["sequential"].build(), experts=E, k=1, config=cfg)
+    with pytest.warns(DeprecationWarning, match="layer="):  # config= an MoEConfig: before ConvertConfig
+        moe = moeify.convert(ZOO["sequential"].build(), experts=E, k=1, config=cfg)
     (layer,) = _moe_layers(moe)
     assert (layer.config.capacity_factor, layer.config.aux_loss_coef, layer.config.d_model) == (2.0, 0.0, D)
-    with pytest.raises(ConfigError, match="disagrees with k=2"):
+    with pytest.raises(ConfigError, match="disagrees with k=2"), pytest.warns(DeprecationWarning):
         moeify.convert(ZOO["sequential"].build(), experts=E, k=2, config=cfg)
 
 
@@ -321,7 +322,7 @@ def test_seed_is_deterministic_and_leaves_global_rng():
 def test_new_layers_follow_the_model_mode_and_mixed_biases():
     model = nn.Sequential(nn.Linear(D, H, bias=True), nn.GELU(), nn.Linear(H, D, bias=False)).eval()
     x = torch.randn(5, D)
-    moe = moeify.convert(model, experts=E, config={"jitter_noise": 0.5})
+    moe = moeify.convert(model, experts=E, layer={"jitter_noise": 0.5})
     assert all(not m.training for m in moe.modules())
     with torch.no_grad():
         assert rel_err(moe(x), model(x)) <= 1e-5

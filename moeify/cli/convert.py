@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from moeify.cli.common import (
     byte_progress,
@@ -21,6 +22,31 @@ from moeify.cli.common import (
 )
 
 FORMATS = ("auto", "moeify", "pt", "mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def convert_config(config_file: Path | None, flags: dict, given: set[str]):
+    """The ConvertConfig of a `moeify convert` call: the --config file's fields (if any) with the flags in
+    `given` laid over them; without a file, every flag (its default where not given)."""
+    from moeify.cli.config_file import read_config_file
+    from moeify.config import ConfigError
+    from moeify.convert_config import ConvertConfig
+
+    data = read_config_file(config_file) if config_file is not None else {}
+    for name in ("experts", "router", "init", "every", "include", "exclude", "seed"):
+        if config_file is None or name in given:
+            data[name] = flags[name]
+    if data.get("experts") is None:
+        raise click.UsageError("Missing option '--experts': give the number of experts per FFN (or set "
+                               "\"experts\" in the --config file)")
+    if "k" in given or "k" not in data:  # --k, else the file's k, else 2 (at most the experts)
+        data["k"] = check_k(flags["k"], data["experts"] if isinstance(data["experts"], int) else None)
+    if "capacity_factor" in given:
+        layer = data.get("layer") if isinstance(data.get("layer"), dict) else {}
+        data["layer"] = {**layer, "capacity_factor": flags["capacity_factor"]}
+    try:
+        return ConvertConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{config_file}: {e}" if config_file is not None else str(e)) from None
 
 
 def _router_names() -> list[str]:
@@ -53,8 +79,13 @@ class LazyChoice(click.Choice):
 
 @click.command("convert")
 @click.argument("model")
-@click.option("--experts", "-e", type=click.IntRange(min=1), required=True, metavar="N",
-              help="Number of experts per converted FFN.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              metavar="FILE", help="Conversion options from a file: a ConvertConfig as JSON, or YAML when "
+                                   "FILE ends in .yaml/.yml (every option, including the layer fields the "
+                                   "flags do not cover). Flags given with --config override the file's "
+                                   "values.")
+@click.option("--experts", "-e", type=click.IntRange(min=1), metavar="N",
+              help="Number of experts per converted FFN (required unless --config sets experts).")
 @click.option("--router", type=LazyChoice(_router_names), default="topk", show_default=True,
               help="Routing scheme.")
 @click.option("--k", type=click.IntRange(min=1), metavar="K",
@@ -83,10 +114,13 @@ moeify convert model.pt --experts 64 --trust-pickle          # -> ./model-moe64/
 moeify convert ./all-MiniLM-L6-v2 --experts 8 --k 2 -o minilm-moe8
 moeify convert moeify.zoo:tiny_llama -e 8 --format mixtral -o tiny-mixtral
 moeify convert weights.safetensors --arch mypkg.models:build -e 16 --every 2 -o out.pt
+moeify convert moeify.zoo:tiny_llama --config moe.yaml --seed 3    # the file's options, seed 3
 """)
-def convert(model: str, experts: int, router: str, k: int | None, init: str, every: int,
-            include: tuple[str, ...], exclude: tuple[str, ...], capacity_factor: float | None, seed: int,
-            output: Path | None, fmt: str, force: bool, arch: str | None, trust_pickle: bool) -> None:
+@click.pass_context
+def convert(ctx: click.Context, model: str, config_file: Path | None, experts: int | None, router: str,
+            k: int | None, init: str, every: int, include: tuple[str, ...], exclude: tuple[str, ...],
+            capacity_factor: float | None, seed: int, output: Path | None, fmt: str, force: bool,
+            arch: str | None, trust_pickle: bool) -> None:
     """Convert the FFNs of MODEL into Mixture-of-Experts layers and write the result to OUT.
 
     With the defaults (copied experts, top-k routing) the converted model computes what the dense one
@@ -98,8 +132,11 @@ def convert(model: str, experts: int, router: str, k: int | None, init: str, eve
     from moeify.io.atomic import check_destination
     from moeify.report import count_params
 
-    k = check_k(k, experts)
-    out = output if output is not None else default_output(model, experts)
+    flags = dict(experts=experts, router=router, k=k, init=init, every=every, include=list(include) or None,
+                 exclude=list(exclude) or None, capacity_factor=capacity_factor, seed=seed)
+    given = {name for name in flags if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    config = convert_config(config_file, flags, given)
+    out = output if output is not None else default_output(model, config.experts)
     if fmt == "auto":
         fmt = "pt" if out.suffix in (".pt", ".pth") else "moeify"
     if fmt == "pt" and out.suffix not in (".pt", ".pth"):
@@ -125,14 +162,10 @@ def convert(model: str, experts: int, router: str, k: int | None, init: str, eve
     before = count_params(net)
     console.print(f"loaded {model}: {type(net).__name__}, {before:,} parameters ({load_s:.1f}s)")
 
-    options = dict(experts=experts, router=router, k=k, init=init, every=every,
-                   include=list(include) or None, exclude=list(exclude) or None, seed=seed)
-    if capacity_factor is not None:
-        options["config"] = {"capacity_factor": capacity_factor}
     start = time.perf_counter()
     from moeify.cli.progress import convert_with_progress
 
-    net = convert_with_progress(net, options)
+    net = convert_with_progress(net, config)
     convert_s = time.perf_counter() - start
     report = moeify.conversion_report(net)
     console.print(conversion_table(report))

@@ -110,5 +110,5 @@ def _convert_on_meta(net, experts: int, k: int):
 
     net = net.to("meta")
     with torch.device("meta"):
-        return moeify.convert(net, experts=experts, k=k, init="none", inplace=True)
+        return moeify.convert(net, moeify.ConvertConfig(experts=experts, k=k, init="none"), inplace=True)
 

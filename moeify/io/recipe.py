@@ -6,9 +6,13 @@ A saved model is a directory:
 
 The recipe says how to rebuild the structure without running any code from the directory: the source
 (how to build the dense model: a Hugging Face config, a `module:callable`, or a pickled file the user must
-trust again), the conversion options and the converted module paths. `load` rebuilds the dense model,
-converts it with `init="none"` (structure only), checks that the same modules were converted, and loads
-the weights with a shape check on every tensor.
+trust again), the conversion's `ConvertConfig` (with its own version) and the converted module paths.
+`load` rebuilds the dense model, converts it with `init="none"` (structure only), checks that the same
+modules were converted, and loads the weights with a shape check on every tensor.
+
+Recipe versions: 2 stores `"conversion": {"config": <ConvertConfig dict>, "converted": [...]}`; 1 (moeify
+0.1.0, before ConvertConfig) stored convert's keyword arguments as `"options"`, the other MoEConfig fields
+under `"config"`. Both load.
 
 `save(model, "x.pt")` instead writes the whole module with `torch.save` (a pickle: loading it runs code).
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeify.convert_config import ConvertConfig
 from moeify.errors import MoeifyError
 from moeify.io import sources
 from moeify.io.atomic import atomic_output
@@ -31,17 +36,32 @@ from moeify.report import count_params
 
 RECIPE_NAME = sources.RECIPE_NAME
 RECIPE_FORMAT = "moeify.recipe"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the conversion as a ConvertConfig (1: keyword options)
 
 
 def conversion_record(model: nn.Module) -> dict | None:
-    """{"options": ..., "converted": [...]} of a converted model, None for a model with no MoE layer."""
+    """{"config": ..., "converted": [...]} of a converted model, None for a model with no MoE layer."""
     import moeify
 
     if not any(isinstance(m, moeify.MoELayer) for m in model.modules()):
         return None
     report = moeify.conversion_report(model)
-    return {"options": _jsonable(report.options, "conversion options"), "converted": list(report.converted)}
+    return {"config": _jsonable(report.config.to_dict(), "conversion options"),
+            "converted": list(report.converted)}
+
+
+def recorded_config(conversion: dict, recipe_version: int) -> ConvertConfig:
+    """The ConvertConfig a recipe's "conversion" record holds (a version-1 record: its keyword options)."""
+    if recipe_version >= 2:
+        return ConvertConfig.from_dict(conversion["config"])
+    options = dict(conversion["options"])
+    options.pop("inplace", None)
+    layer = options.pop("config", None) or {}  # version 1's name for ConvertConfig.layer
+    try:
+        return ConvertConfig(**options, layer=layer)
+    except TypeError as e:
+        raise MoeifyError(f"the recipe's conversion options do not fit this moeify ({e}); upgrade "
+                          "moeify") from e
 
 
 def _jsonable(value, what: str):
@@ -182,14 +202,8 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_pickle: bool
     dense = model if model is not None else rebuild_source(source, trust_pickle)
     conversion = recipe.get("conversion")
     if conversion:
-        options = dict(conversion["options"])
-        options["init"] = "none"
-        options.pop("inplace", None)
-        try:
-            converted = moeify.convert(dense, **options, inplace=True)
-        except TypeError as e:
-            raise MoeifyError(f"the recipe's conversion options do not fit this moeify ({e}); upgrade "
-                              "moeify") from e
+        config = recorded_config(conversion, recipe["version"]).replace(init="none")  # structure only
+        converted = moeify.convert(dense, config, inplace=True)
         got = list(moeify.conversion_report(converted).converted)
         if got != list(conversion["converted"]):
             raise MoeifyError(f"rebuilding {path} converted {len(got)} module(s) where the recipe lists "

@@ -22,7 +22,7 @@ def test_convert_as_typed_derives_output(run, tmp_path):
     out = tmp_path / "model-moe64"
     assert (out / "moeify.json").exists() and (out / "model.safetensors").exists()
     recipe = json.loads((out / "moeify.json").read_text())
-    assert recipe["conversion"]["options"]["experts"] == 64 and recipe["conversion"]["options"]["k"] == 2
+    assert recipe["conversion"]["config"]["experts"] == 64 and recipe["conversion"]["config"]["k"] == 2
     again = moeify.load(out)
     ids = torch.randint(0, 32, (2, 5))
     torch.testing.assert_close(again(ids), model(ids), atol=1e-5, rtol=1e-5)
@@ -37,7 +37,7 @@ def test_convert_callable_summary_and_reload(run, tmp_path):
     assert "writing" in result.stderr  # the progress bar goes to stderr
     recipe = json.loads((out / "moeify.json").read_text())
     assert recipe["source"] == {"kind": "callable", "target": "moeify.zoo:tiny_llama"}
-    assert recipe["conversion"]["options"]["seed"] == 3
+    assert recipe["conversion"]["config"]["seed"] == 3
     layer = moeify.load(out).model.layers[0].mlp
     assert isinstance(layer, moeify.MoELayer) and layer.config.k == 1 and layer.num_experts == 4
 
@@ -92,7 +92,7 @@ def test_convert_hf_directory_and_force(run, tmp_path):
     forced = run("convert", "bert", "-e", "2", "-o", "bert-moe", "--force")
     assert forced.exit_code == 0, forced.output
     recipe = json.loads((tmp_path / "bert-moe" / "moeify.json").read_text())
-    assert recipe["conversion"]["options"]["experts"] == 2
+    assert recipe["conversion"]["config"]["experts"] == 2
     assert leftovers(tmp_path) == []
 
 

@@ -155,10 +155,10 @@ def test_round_trip_callable_source(tmp_path):
     _perturb(model)
     out = moeify.save(model, tmp_path / "out", source=source)
     recipe = json.loads((out / "moeify.json").read_text())
-    assert recipe["format"] == "moeify.recipe" and recipe["version"] == 1
+    assert recipe["format"] == "moeify.recipe" and recipe["version"] == 2
     assert recipe["moeify_version"] == moeify.__version__
     assert recipe["source"] == {"kind": "callable", "target": "moeify.zoo:tiny_mlp"}
-    assert recipe["conversion"]["options"]["experts"] == 4
+    assert recipe["conversion"]["config"]["experts"] == 4
     assert recipe["conversion"]["converted"] == ["blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp"]
     again = moeify.load(out)
     _same(model, again)
@@ -212,7 +212,7 @@ def test_recipe_mismatch_is_reported(tmp_path):
     model, source = _converted()
     out = moeify.save(model, tmp_path / "out", source=source)
     recipe = json.loads((out / "moeify.json").read_text())
-    recipe["conversion"]["options"]["experts"] = 3
+    recipe["conversion"]["config"]["experts"] = 3
     (out / "moeify.json").write_text(json.dumps(recipe))
     with pytest.raises(MoeifyError, match=r"has shape \(4, .*\) in model.safetensors but \(3, "):
         moeify.load(out)
