@@ -34,18 +34,18 @@ def test_yaml_config_with_flags_overriding_it(run, tmp_path):
 
 def test_json_config_alone_and_bad_files(run, tmp_path):
     (tmp_path / "moe.json").write_text(moeify.ConvertConfig(experts=2, k=2, every=2).to_json())
-    result = run("convert", "moeify.zoo:tiny_llama", "--config", "moe.json", "-o", "out")
+    result = run("convert", "moeify.zoo:tiny_mlp", "--config", "moe.json", "-o", "out")
     assert result.exit_code == 0, result.output
-    assert sorted(_layers(tmp_path / "out")) == ["model.layers.1.mlp", "model.layers.3.mlp"]
+    assert sorted(_layers(tmp_path / "out")) == ["blocks.1.mlp"]
     assert next(iter(_layers(tmp_path / "out").values())).config.k == 2
     (tmp_path / "typo.json").write_text('{"experts": 4, "expert": 2}')
-    bad = run("convert", "moeify.zoo:tiny_llama", "--config", "typo.json", "-o", "out2")
+    bad = run("convert", "moeify.zoo:tiny_mlp", "--config", "typo.json", "-o", "out2")
     assert bad.exit_code == 2 and "typo.json: unknown ConvertConfig field(s) expert; valid:" in bad.output
     (tmp_path / "list.yaml").write_text("- 4\n")
-    bad = run("convert", "moeify.zoo:tiny_llama", "--config", "list.yaml", "-o", "out2")
+    bad = run("convert", "moeify.zoo:tiny_mlp", "--config", "list.yaml", "-o", "out2")
     assert bad.exit_code == 2 and "must hold a mapping of ConvertConfig fields" in bad.output
     (tmp_path / "noexperts.json").write_text('{"k": 1}')
-    bad = run("convert", "moeify.zoo:tiny_llama", "--config", "noexperts.json", "-o", "out2")
+    bad = run("convert", "moeify.zoo:tiny_mlp", "--config", "noexperts.json", "-o", "out2")
     assert bad.exit_code == 2 and "Missing option '--experts'" in bad.output
     assert not (tmp_path / "out2").exists()
 
@@ -53,6 +53,6 @@ def test_json_config_alone_and_bad_files(run, tmp_path):
 def test_yaml_without_pyyaml_says_what_to_install(run, tmp_path, monkeypatch):
     (tmp_path / "moe.yml").write_text("experts: 4\n")
     monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` raises ImportError
-    result = run("convert", "moeify.zoo:tiny_llama", "--config", "moe.yml", "-o", "out")
+    result = run("convert", "moeify.zoo:tiny_mlp", "--config", "moe.yml", "-o", "out")
     assert result.exit_code == 1 and "needs PyYAML: pip install pyyaml" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
