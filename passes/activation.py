@@ -230,10 +230,20 @@ def _mapped(value, env):
     return fx.node.map_arg(value, lambda n: env[n])
 
 
-def activation_module(site) -> nn.Module:
-    """An nn.Module computing the activation of a found FFN (`moeify.passes.analyse(...).sites[i]`) exactly:
-    what `MoELayer(config, activation=...)` takes when `site.match.activation == "custom"`. Call it before
-    the model is rewritten; the module shares nothing with the model."""
+def activation_module(site, match=None) -> nn.Module:
+    """An nn.Module computing the activation of a found FFN exactly: what `MoELayer(config, activation=...)`
+    takes when `site.match.activation == "custom"`. Call it before the model is rewritten; the module
+    shares nothing with the model.
+
+    `activation_module(site)` with a Site of `moeify.passes.analyse(model)` (convert has them), or
+    `activation_module(model, match)` with an FFNMatch of `moeify.find_ffns(model)` (analyses again)."""
+    if match is not None:
+        from moeify.passes.analyse import analyse
+
+        found = [s for s in analyse(site).sites if s.match.name == match.name]
+        if not found:
+            raise ValueError(f"no FFN named {match.name!r} in this model; pass a match of find_ffns(model)")
+        site = found[0]
     act = site.cand.act_found
     if act is None:
         raise ValueError(f"{site.match.name}: no activation recorded")

@@ -34,8 +34,8 @@ def _feeder(cap, down: fx.Node) -> tuple[fx.Node | None, str]:
 
 def _why_plain(cap, down, ref) -> str | None:
     node, what = _feeder(cap, down)
-    if node is None or linear_ref(node, cap) is not None:
-        return None  # two projections in a row: nothing like an FFN
+    if node is None or node.op in ("placeholder", "get_attr") or linear_ref(node, cap) is not None:
+        return None  # reads an input, or two projections in a row: nothing like an FFN
     act = activation.find(node, cap)
     if act is not None and act.reason:
         return f"{ref.where} reads {what}: {act.reason}"

@@ -291,3 +291,11 @@ def test_near_miss_names_the_silent_rules():
     model = nn.Sequential(nn.Linear(D, H), nn.Linear(H, D))
     (plain,) = [line for line in near_misses(capture(model)) if "'plain'" in line]
     assert "closest" not in plain and "no projection reads an elementwise activation" in plain
+
+
+def test_activation_module_from_model_and_match():
+    model = _build("prelu")
+    (match,) = moeify.find_ffns(model)
+    act = moeify.passes.activation_module(model, match)
+    assert isinstance(act, nn.PReLU) and act is not model[1].act
+    assert torch.equal(act.weight, model[1].act.weight)
