@@ -280,6 +280,26 @@ def test_hidden_metadata_read_is_not_a_use():
     assert torch.equal(activation_module(site)(h), F.gelu(h.float()).to(h.dtype))
 
 
+def test_hidden_shape_read_is_not_a_use():
+    class ReadsShape(nn.Module):  # scales its output by the hidden width, read off the hidden values
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(D, H), nn.Linear(H, D)
+
+        def forward(self, x):
+            h = F.relu(self.up(x))
+            return self.down(h) * (h.shape[-1] / H)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(D), ReadsShape()).eval()
+    (m,) = moeify.find_ffns(model)
+    assert m.rewrite == "forward"  # module: it computes more; chain: the up projection would change the shape
+    x = torch.randn(2, 3, D)
+    moe = moeify.convert(model, experts=4, k=2, init="copy")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 # --- near misses ---------------------------------------------------------------------------------
 
 
