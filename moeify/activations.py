@@ -58,7 +58,7 @@ def _d_identity(x: Tensor) -> Tensor:
     return torch.ones_like(x)
 
 
-def _relu2(x: Tensor) -> Tensor:  # squared ReLU (Primer; Nemotron, Arcee): transformers' ReLUSquaredActivation
+def _relu2(x: Tensor) -> Tensor:  # squared ReLU (Primer; Nemotron, Arcee): as ReLUSquaredActivation
     return torch.square(F.relu(x))
 
 

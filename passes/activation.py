@@ -103,7 +103,8 @@ def find(end: fx.Node | None, cap, entry_of=_entry, width: int | None = None) ->
             entries.add(entry[0])
             passes += [p for p in entry[1] if p not in passes]
             continue
-        if node.op == "call_module" and not activation_of(node, cap.modules)[0] and _reaches_linear(node, cap) is None:
+        unknown_module = node.op == "call_module" and not activation_of(node, cap.modules)[0]
+        if unknown_module and _reaches_linear(node, cap) is None:
             return None  # an unknown module on a path from no projection: not worth tracing it
         data, extra, why = elementwise.check(node, cap)
         if why is not None:
@@ -164,13 +165,14 @@ def _with_sources(helpers) -> set:
 
 
 def _helpers_fit(helpers, nodes, entry, passes, width: int, cap) -> str | None:
-    """Parameters broadcast along the hidden width only; metadata is read from the activation's own tensors."""
+    """Parameters broadcast along the hidden width only; metadata is read off the activation's tensors."""
     own = set(nodes) | {entry, *passes}
     for h in helpers:
         if h.op == "get_attr":
             t = operator.attrgetter(h.target)(cap.module)
             if t.numel() != 1 and tuple(t.shape) != (width,):
-                return f"{h.target} has shape {tuple(t.shape)}: neither one value nor one per hidden feature ({width})"
+                shape = tuple(t.shape)
+                return f"{h.target} has shape {shape}: neither one value nor one per hidden feature ({width})"
         elif metadata.is_read(h) and h.args[0] not in own:
             return f"it reads the metadata of {h.args[0].name}, a tensor outside the activation"
     return None

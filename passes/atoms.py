@@ -24,12 +24,13 @@ from moeify.activations import ACTIVATIONS, CUSTOM
 
 
 def _hf_gelu(m) -> str:
-    return "gelu" if getattr(m, "act", None) is F.gelu else CUSTOM  # use_gelu_python: the erf formula in Python
+    return "gelu" if getattr(m, "act", None) is F.gelu else CUSTOM  # use_gelu_python: the erf formula
 
 
 def _hf_gelu_tanh(m) -> str:
     act = getattr(m, "act", None)
-    exact = isinstance(act, functools.partial) and act.func is F.gelu and act.keywords == {"approximate": "tanh"}
+    exact = isinstance(act, functools.partial) and act.func is F.gelu
+    exact = exact and act.keywords == {"approximate": "tanh"}
     return "gelu_tanh" if exact else CUSTOM
 
 
@@ -107,7 +108,7 @@ SUPPORTED = ", ".join(sorted(a for a in ACTIVATIONS if a != "identity"))
 
 
 def is_hf_activation(m: nn.Module) -> bool:
-    """An activation class of transformers (its `activations` module: all elementwise), or one of a model's."""
+    """An activation class of transformers (its `activations` module: all elementwise), or a model's."""
     cls = type(m)
     if cls.__module__.startswith("transformers.activations"):
         return True
@@ -126,7 +127,8 @@ _OTHER_TORCH_ACTS = (nn.CELU, nn.Hardtanh, nn.PReLU, nn.LogSigmoid, nn.Tanhshrin
 def _module_name(m: nn.Module) -> str:
     if type(m) in _TORCH_ACT_MODULES:
         return _TORCH_ACT_MODULES[type(m)](m)
-    table = _HF_ACTIVATIONS if type(m).__module__.startswith("transformers.activations") else _HF_MODEL_ACTIVATIONS
+    in_activations = type(m).__module__.startswith("transformers.activations")
+    table = _HF_ACTIVATIONS if in_activations else _HF_MODEL_ACTIVATIONS
     name_of = table.get(type(m).__name__)
     return name_of(m) if name_of is not None else CUSTOM
 

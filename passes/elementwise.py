@@ -40,9 +40,10 @@ BINARY_FUNCTIONS = frozenset([operator.add, operator.sub, operator.mul, operator
 BINARY_METHODS = frozenset("add sub mul div pow true_divide maximum minimum __add__ __mul__ __sub__".split())
 
 # torch.nn modules that apply one function at every position (PReLU: only with a single weight)
-ELEMENTWISE_MODULES = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU,
-                       nn.CELU, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.PReLU, nn.Hardsigmoid,
-                       nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Threshold)
+ELEMENTWISE_MODULES = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ReLU6, nn.ELU,
+                       nn.SELU, nn.CELU, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.PReLU,
+                       nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Softshrink,
+                       nn.Hardshrink, nn.Threshold)
 
 # why common non-elementwise operations are not: a reason a user can read
 _WHY = {
@@ -85,7 +86,7 @@ def _helper(arg: fx.Node, cap) -> str | None:
         except AttributeError:
             return f"{arg.target} is not a tensor of the module"
         if not isinstance(t, torch.Tensor) or t.dim() > 1:
-            return f"{arg.target} has {t.dim()} dimensions; only one along the features broadcasts the same way"
+            return f"{arg.target} has {t.dim()} dimensions; only one along the features broadcasts alike"
         return None
     if metadata.is_derived(arg):
         return None
@@ -130,7 +131,7 @@ def _check_module(node: fx.Node, cap):
     if not isinstance(x, fx.Node) or len(node.args) + len(node.kwargs) != 1:
         return [], [], "it takes more than one input"
     if isinstance(m, nn.PReLU) and m.num_parameters != 1:
-        return [], [], "nn.PReLU with one weight per channel applies it along dim 1, whatever the input's rank"
+        return [], [], "nn.PReLU with one weight per channel applies it along dim 1, whatever the rank"
     if isinstance(m, ELEMENTWISE_MODULES) or is_hf_activation(m):
         return [x], [], None
     why = module_not_elementwise(m)

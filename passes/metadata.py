@@ -26,7 +26,7 @@ _ON_METADATA = frozenset({getattr, operator.getitem, operator.eq, operator.ne, o
 
 
 def is_read(node: fx.Node) -> bool:
-    """`t.device`, `t.dtype`, `t.shape`, `t.ndim`, ... or `t.size()`, `t.dim()`, ...: metadata of one tensor."""
+    """`t.device`, `t.dtype`, `t.shape`, `t.ndim`, ... or `t.size()`, `t.dim()`, ...: a tensor's metadata."""
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
         return node.args[1] in READ_ATTRS
     return node.op == "call_method" and node.target in READ_METHODS

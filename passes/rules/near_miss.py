@@ -54,9 +54,10 @@ def _why_gated(cap, down, ref) -> str | None:
 
 def _why_fused(cap, down, ref) -> str | None:
     for node in cap.graph.nodes:
-        if node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) == "chunk":
+        is_chunk = getattr(node.target, "__name__", node.target) == "chunk"
+        if node.op in ("call_method", "call_function") and is_chunk:
             if linear_ref(skip_back(first_input(node), cap)[0], cap) is not None:
-                return f"{cap.site}: {node.name} chunks a projection, but not into act(first half) * second half"
+                return f"{cap.site}: {node.name} chunks a projection, not as act(first half) * second half"
     return None
 
 
@@ -86,6 +87,7 @@ def near_misses(captured: CaptureResult) -> list[str]:
                 break
         looked = len({ref.weight for _, _, ref in downs})  # one projection shows in several graphs
         head = f"rule {rule.NAME!r} matched nothing (looked at {looked} linear-like nodes)"
-        detail = "; closest: " + " | ".join(closest) if closest else f": {_MISSING.get(rule.NAME, 'no candidate')}"
+        missing = _MISSING.get(rule.NAME, "no candidate")
+        detail = ("; closest: " + " | ".join(closest)) if closest else f": {missing}"
         lines.append(head + detail)
     return lines
