@@ -9,6 +9,10 @@ result a frozen record with counts and a one-line `summary` that convert's repor
 - rules/: one FFN rule a file (plain, gated, fused gated): pattern + check with a reason.
 - atoms.py: the modules and functions recognised without looking inside (linear-likes, activations,
   dropouts and casts).
+- elementwise.py: which nodes compute elementwise (and why not); activation.py: the activation between
+  two projections (named or "custom") and `activation_module`, a module computing it exactly;
+  metadata.py: reads of `.device`/`.dtype`/`.shape` (not uses) and conditions on them decided at capture.
+- rules/near_miss.py: for a rule that matched nowhere, what came closest (`moeify inspect -v`).
 - match.py: the public records `FFNMatch`, `LinearRef`, `Rejection`.
 - plan.py: the surgeries (`ModuleSurgery`, `ChainSurgery`, `ForwardSurgery`), chosen once by analyse.
 - select.py: `Select` narrows the FFNs found (include/exclude, filter_fn, every) -> `SelectResult`.
@@ -22,6 +26,7 @@ computation when the upcycling init claims so. tests/passes/test_pass_promises.p
 `PASSES` to its declaration.
 """
 
+from moeify.passes.activation import activation_module
 from moeify.passes.analyse import Analyse, Analysis, Site, analyse
 from moeify.passes.base import Pass, PassFailed, PassResult, PassRunner
 from moeify.passes.calibrate import Calibrate, CalibrateResult
@@ -62,6 +67,7 @@ __all__ = [
     "Surgery",
     "TokenIdsResult",
     "WireTokenIds",
+    "activation_module",
     "analyse",
     "capture",
 ]

@@ -12,7 +12,9 @@ raw 2-D parameters, in its subtree):
 - a module whose `forward` fails gets a second, analysis-only try: the undecorated forward, its
   non-tensor defaults and `**kwargs` fixed, data-dependent conditions taken as False; and its other
   methods that call its children are traced on their own
-  (`TransformerEncoderLayer._ff_block`, `BertLayer.feed_forward_chunk`, ALBERT's `ff_chunk`).
+  (`TransformerEncoderLayer._ff_block`, `BertLayer.feed_forward_chunk`, ALBERT's `ff_chunk`);
+- a condition on tensor metadata (diffusers' `if gate.device.type != "mps"`) is decided from the module's
+  own parameters (metadata.py); the graph records which (`Captured.decided`).
 
 Tracing runs model code on proxies and touches no weights; its warnings are silenced.
 """
@@ -28,6 +30,7 @@ from typing import ClassVar
 
 from torch import fx, nn
 
+from moeify.passes import metadata
 from moeify.passes.atoms import is_atom, is_linear_module
 
 # Method names never traced: they change state or are not computations on tensors.
@@ -48,6 +51,7 @@ class Captured:
     module: nn.Module
     modules: dict[str, nn.Module]  # relative path -> submodule, for call_module targets
     concrete: bool = False  # traced with fixed defaults: good for analysis, not for rewriting
+    decided: tuple[str, ...] = ()  # metadata conditions decided while tracing (the code's branch is baked)
 
     def full(self, rel: str) -> str:
         """A path relative to this module -> the path from the model's root."""
@@ -96,12 +100,21 @@ class Capture:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[int], lenient: bool = False):
+    def __init__(self, leaves: set[int], lenient: bool = False, home=None):
         super().__init__()
         self._leaves = leaves
         self._lenient = lenient
+        self._home = home or (None, None)
+        self.decided: list[str] = []
 
     def to_bool(self, obj) -> bool:
+        if self._home[0] is not None:
+            try:
+                value = bool(metadata.decide(obj.node, *self._home))
+                self.decided.append(f"{metadata.render(obj.node)} taken as {value}")
+                return value
+            except metadata.Undecidable:
+                pass
         # Analysis-only tries take the False branch of data-dependent conditions (HF layers test
         # `hidden_states.dtype == torch.float16` before clamping): the FFN's data flow does not change.
         if self._lenient:
@@ -124,9 +137,10 @@ _TRACED = "_moeify_traced_fn"
 
 def _trace(
     module: nn.Module, leaves: set[int], method: str = "forward", concrete_args: dict | None = None, fn=None
-) -> fx.Graph:
-    """Trace `module.<method>`, or the plain function `fn` as if it were a method of module's class."""
-    tracer = _Tracer(leaves, lenient=concrete_args is not None or fn is not None)
+) -> tuple[fx.Graph, tuple[str, ...]]:
+    """Trace `module.<method>`, or the plain function `fn` as if it were a method of module's class;
+    returns the graph and the metadata conditions decided on the way."""
+    tracer = _Tracer(leaves, lenient=concrete_args is not None or fn is not None, home=metadata.home(module))
     tracer.traced_func_name = method
     cls = type(module)
     if fn is not None:  # fx traces a class attribute: lend the function one, for this call only
@@ -135,7 +149,9 @@ def _trace(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return tracer.trace(module, concrete_args=concrete_args)
+            graph = tracer.trace(module, concrete_args=concrete_args)
+        metadata.drop_dead(graph)
+        return graph, tuple(tracer.decided)
     finally:
         if fn is not None:
             delattr(cls, _TRACED)
@@ -227,8 +243,8 @@ def capture(model: nn.Module) -> CaptureResult:
         tried += 1
         modules = dict(module.named_modules())
         try:
-            graph = _trace(module, failed)
-            graphs.append(Captured(path, "forward", graph, module, modules))
+            graph, decided = _trace(module, failed)
+            graphs.append(Captured(path, "forward", graph, module, modules, decided=decided))
             continue
         except Exception as exc:  # any failure of user code under tracing makes this module a leaf
             failures[path] = _first_line(exc)
@@ -239,17 +255,17 @@ def capture(model: nn.Module) -> CaptureResult:
         fixed = _fixed(forward)
         if fixed or forward is not type(module).forward:
             try:
-                graph = _trace(module, failed - {id(module)}, concrete_args=fixed, fn=forward)
-                graphs.append(Captured(path, "forward", graph, module, modules, concrete=True))
+                graph, decided = _trace(module, failed - {id(module)}, concrete_args=fixed, fn=forward)
+                graphs.append(Captured(path, "forward", graph, module, modules, True, decided))
             except Exception:  # the second try is best effort; the first error is the one reported
                 pass
         linear_children = {name for name, child in module.named_children() if _matrices(child, 1) >= 1}
         for method in _methods(module, linear_children):
             try:
-                graph = _trace(module, failed - {id(module)}, method=method)
+                graph, decided = _trace(module, failed - {id(module)}, method=method)
             except Exception:  # a method that does not trace is simply not a capture site
                 continue
-            graphs.append(Captured(path, method, graph, module, modules))
+            graphs.append(Captured(path, method, graph, module, modules, decided=decided))
     return CaptureResult(tuple(graphs), failures, tried)
 
 

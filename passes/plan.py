@@ -162,6 +162,8 @@ def chain_surgery(c: Candidate) -> tuple[ChainSurgery | None, str | None]:
     cap = c.cap
     if c.up.op != "call_module" or c.down.op != "call_module":
         return None, "its projections are not modules"
+    if c.shape_reads:  # the up projection becomes a pass-through: the hidden values would be D wide
+        return None, f"the hidden values' shape is read outside the FFN ({c.shape_reads[0].name})"
     calls = [n.target for n in cap.graph.nodes if n.op == "call_module"]
     for node in (c.up, c.down) + ((c.act,) if c.act.op == "call_module" else ()):
         if calls.count(node.target) != 1:
@@ -177,6 +179,8 @@ def chain_surgery(c: Candidate) -> tuple[ChainSurgery | None, str | None]:
                 functions.append(owner)
             else:
                 return None, "the activation is called directly in code, not through an attribute"
+        elif c.act_found is not None and node in c.act_found.nodes:
+            return None, "the activation is several operations in code, not one module or function"
         elif pass_through_kind(node, cap.modules) == "dropout":
             if node.op == "call_module":
                 identities.append(node.target)
@@ -190,6 +194,8 @@ def forward_surgery(c: Candidate) -> tuple[ForwardSurgery | None, str | None]:
     cap = c.cap
     if cap.concrete:
         return None, "its module traced only with fixed defaults"
+    if cap.decided:  # the regenerated code would keep only the branch taken on today's device and dtype
+        return None, f"its code branches on tensor metadata ({cap.decided[0]})"
     body = set(c.body)
     for node in cap.graph.nodes:
         if (

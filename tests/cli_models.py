@@ -35,9 +35,9 @@ def no_ffn() -> nn.Module:
     return nn.Sequential(nn.Embedding(16, 8), nn.LayerNorm(8)).eval()
 
 
-def tanh_mlp() -> nn.Module:
-    """Looks like an FFN, but moeify's experts have no tanh: a rejected candidate."""
-    return nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 8)).eval()
+def softmax_mlp() -> nn.Module:
+    """Looks like an FFN, but a softmax is not an elementwise activation: a rejected candidate."""
+    return nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 32), nn.Softmax(dim=-1), nn.Linear(32, 8)).eval()
 
 
 def raises() -> nn.Module:

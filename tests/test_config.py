@@ -8,6 +8,7 @@ import json
 import pytest
 
 import moeify
+from moeify.activations import ACTIVATIONS
 from moeify.config import CONFIG_VERSION
 from moeify.errors import MoeifyError
 from moeify.routers import ROUTERS, build_router
@@ -49,8 +50,8 @@ BAD = [
     (dict(router=None), ["unknown router None"]),
     (dict(router=["topk"]), ["unknown router"]),
     (
-        dict(activation="tanh"),
-        ["unknown activation 'tanh'", "valid: gelu, gelu_tanh, identity, quick_gelu, relu, silu"],
+        dict(activation="cosine"),
+        ["unknown activation 'cosine'", "valid: " + ", ".join(sorted(ACTIVATIONS))],
     ),
     (dict(score_fn="sparsemax"), ["unknown score_fn 'sparsemax'", "softmax", "sigmoid"]),
     (dict(gated="yes"), ["gated", "true or false"]),

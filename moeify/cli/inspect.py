@@ -52,6 +52,7 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
     total_before = count_params(net)
     found = ffn_rows(net)
     rejected = rejected_rows(net) if verbose else []
+    silent_rules = _near_misses(net) if verbose else []
     after = None
     if experts is not None and found:
         report = moeify.conversion_report(_convert_on_meta(net, experts, k))
@@ -62,6 +63,7 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
         data = {"model": model, "parameters": total_before, "ffns": found}
         if verbose:
             data["rejected"] = rejected
+            data["near_misses"] = silent_rules
         if experts is not None:
             data["after_conversion"] = after
         click.echo(json.dumps(data, indent=2))
@@ -94,11 +96,21 @@ def inspect(model: str, experts: int | None, k: int | None, as_json: bool, verbo
         for row in rejected:
             rej.add_row(row["path"] or "<model>", row["reason"])
         console.print(rej if rejected else "no rejected candidates")
+        for line in silent_rules:
+            console.print(line, markup=False, highlight=False)
     if after is not None:
         console.print(
             f"after --experts {experts} --k {k}: {human_count(after['total_parameters'])} parameters "
             f"({after['total_parameters'] / max(total_before, 1):.2f}x), "
             f"{human_count(after['active_parameters'])} active per token")
+
+
+def _near_misses(net) -> list[str]:
+    """Per FFN rule that matched nowhere in the model, what came closest (moeify.passes.rules.near_miss)."""
+    from moeify.passes.capture import capture
+    from moeify.passes.rules.near_miss import near_misses
+
+    return near_misses(capture(net))
 
 
 def _convert_on_meta(net, experts: int, k: int):

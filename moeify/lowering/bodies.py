@@ -74,6 +74,23 @@ def _quick_gelu(b: Builder, h: ir.Value) -> ir.Value:
     return b("Mul", h, b("Sigmoid", b("Mul", h, b.scalar_like(1.702, h))))
 
 
+def _relu2(b: Builder, h: ir.Value) -> ir.Value:
+    r = b("Relu", h)
+    return b("Mul", r, r)
+
+
+def _mish(b: Builder, h: ir.Value) -> ir.Value:  # h tanh(softplus(h)) (Mish is opset 18)
+    return b("Mul", h, b("Tanh", b("Softplus", h)))
+
+
+def _hardswish(b: Builder, h: ir.Value) -> ir.Value:  # h relu6(h + 3) / 6
+    return b("Mul", h, _hardsigmoid(b, h))
+
+
+def _hardsigmoid(b: Builder, h: ir.Value) -> ir.Value:  # relu6(h + 3) / 6: torch's slope, not ONNX's 0.2
+    return b("HardSigmoid", h, alpha=1.0 / 6.0, beta=0.5)
+
+
 ONNX_ACTIVATIONS: dict[str, Callable[[Builder, ir.Value], ir.Value]] = {
     "relu": lambda b, h: b("Relu", h),
     "gelu": _gelu,
@@ -81,6 +98,18 @@ ONNX_ACTIVATIONS: dict[str, Callable[[Builder, ir.Value], ir.Value]] = {
     "silu": _silu,
     "quick_gelu": _quick_gelu,
     "identity": lambda b, h: b("Identity", h),
+    "relu2": _relu2,
+    "tanh": lambda b, h: b("Tanh", h),
+    "sigmoid": lambda b, h: b("Sigmoid", h),
+    "mish": _mish,
+    "elu": lambda b, h: b("Elu", h, alpha=1.0),
+    "selu": lambda b, h: b("Selu", h),  # ONNX's default alpha and gamma are torch's constants
+    "leaky_relu": lambda b, h: b("LeakyRelu", h, alpha=0.01),
+    "softplus": lambda b, h: b("Softplus", h),  # torch turns linear above 20: equal in float32
+    "hardswish": _hardswish,
+    "hardsigmoid": _hardsigmoid,
+    "relu6": lambda b, h: b("Clip", h, b.scalar_like(0.0, h), b.scalar_like(6.0, h)),
+    "softsign": lambda b, h: b("Softsign", h),
 }
 
 

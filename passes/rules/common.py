@@ -4,8 +4,9 @@ A rule is pattern + check + rewrite (onnxscript's rewriter is the model):
 - `pattern(down, cap)` starts at a linear-like node (the would-be down projection) and walks backwards;
   it returns a `Candidate` when the structure fits, None when it is not an FFN at all (no reason kept:
   attention, norms and heads fall out here silently);
-- `check(cand)` returns None or the reason the candidate is not converted (unsupported activation,
-  does not map back to the model width, hidden activations used elsewhere);
+- `check(cand)` returns None or the reason the candidate is not converted (an activation that is not
+  elementwise, does not map back to the model width, hidden activations used elsewhere; reading their
+  metadata -- `.device`, `.dtype`, `.shape` -- is not a use);
 - `rewrites`: the surgeries that can apply to the rule's shape, in order of preference (rewrite.py).
 """
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import fx, nn
 
+from moeify.passes import metadata
+from moeify.passes.activation import Activation
 from moeify.passes.atoms import activation_of, is_conv1d, pass_through_kind
 from moeify.passes.capture import Captured
 from moeify.passes.match import LinearRef
@@ -31,11 +34,19 @@ class Candidate:
     up: fx.Node
     up_ref: LinearRef
     act: fx.Node
-    activation: str | None  # our name; None when unsupported
+    activation: str | None  # our name, "custom", or None when not elementwise
     act_display: str
     gate: fx.Node | None = None
     gate_ref: LinearRef | None = None
     body: list[fx.Node] = field(default_factory=list)  # every node strictly inside the FFN, down included
+    act_found: Activation | None = None  # the activation's nodes; .module() computes it
+
+    @property
+    def shape_reads(self) -> list[fx.Node]:
+        """Reads of the hidden values' shape outside the FFN (fine unless the surgery changes that shape)."""
+        inside = set(self.body) | set(self.act_found.helpers if self.act_found else ())
+        return [u for n in self.body if n is not self.down for u in metadata.reads_of(n)
+                if u not in inside and (u.op == "call_method" or u.args[1] == "shape")]
 
     @property
     def key(self) -> tuple:
@@ -121,7 +132,7 @@ def linear_ref(node: fx.Node | None, cap: Captured) -> LinearRef | None:
 
 
 def activation_node(node: fx.Node | None, cap: Captured):
-    """(is activation, our name or None, display)."""
+    """Deprecated (one node only; see activation.find): (is activation, our name or None, display)."""
     if node is None:
         return False, None, ""
     return activation_of(node, cap.modules)
@@ -131,19 +142,18 @@ def common_check(c: Candidate) -> str | None:
     """Checks every FFN rule makes; None when the candidate is fine."""
     d_model, hidden = c.up_ref.in_features, c.down_ref.in_features
     if c.activation is None:
-        from moeify.passes.atoms import SUPPORTED
-
-        return f"activation {c.act_display} is not supported (supported: {SUPPORTED}) [{c.label}]"
+        why = c.act_found.reason if c.act_found is not None else f"{c.act_display} is not elementwise"
+        return f"the activation is not elementwise: {why} [{c.label}]"
     if c.down_ref.out_features != d_model:
         return (
             f"the down projection maps {hidden} -> {c.down_ref.out_features} features, not back to the "
             f"input width {d_model}: a head or a projection, not an FFN [{c.label}]"
         )
-    inside = set(c.body)
+    inside = set(c.body) | set(c.act_found.helpers if c.act_found else ())
     for node in c.body:
         if node is c.down:
             continue
-        outside = [u for u in node.users if u not in inside]
+        outside = [u for u in node.users if u not in inside and not metadata.is_read(u)]
         if outside:
             return (
                 f"the FFN's hidden values ({node.name}) are also used outside it, by "

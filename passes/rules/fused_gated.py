@@ -12,8 +12,9 @@ import operator
 import torch
 from torch import fx
 
+from moeify.passes import activation
 from moeify.passes.capture import Captured
-from moeify.passes.rules.common import Candidate, activation_node, common_check, first_input, linear_ref, skip_back
+from moeify.passes.rules.common import Candidate, common_check, first_input, linear_ref, skip_back
 from moeify.passes.rules.gated import _branches
 
 NAME = "fused_gated"
@@ -39,6 +40,17 @@ def _chunk_part(node: fx.Node | None) -> tuple[fx.Node, int] | None:
     return chunk, index
 
 
+def _gate_part_of(chunk: fx.Node):
+    """An activation's entry finder: the first half of `chunk` (past casts)."""
+
+    def entry_of(node: fx.Node, cap: Captured):
+        part, walked = skip_back(node, cap)
+        g = _chunk_part(part)
+        return (part, list(reversed(walked))) if g is not None and g == (chunk, 0) else None
+
+    return entry_of
+
+
 def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
     down_ref = linear_ref(down, cap)
     if down_ref is None:
@@ -46,18 +58,20 @@ def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
     mul, between = skip_back(first_input(down), cap)
     if mul is None:
         return None
-    for (act, act_casts), (up_part, up_casts) in _branches(mul, cap):
-        is_act, name, display = activation_node(act, cap)
-        gate_part, gate_casts = skip_back(first_input(act), cap) if is_act else (None, [])
-        g, u = _chunk_part(gate_part), _chunk_part(up_part)
-        if g is None or u is None or g[0] is not u[0] or (g[1], u[1]) != (0, 1):
+    for (end, act_casts), (up_part, up_casts) in _branches(mul, cap):
+        u = _chunk_part(up_part)
+        if u is None or u[1] != 1:
             continue
-        chunk = g[0]
+        chunk = u[0]
         fused, fused_casts = skip_back(first_input(chunk), cap)
         ref = linear_ref(fused, cap)
         if ref is None or ref.out_features % 2:
             continue
         h = ref.out_features // 2
+        act = activation.find(end, cap, entry_of=_gate_part_of(chunk), width=h)
+        if act is None or act.name is None:
+            continue
+        gate_part = act.entry
         gate_ref = dataclasses.replace(ref, out_features=h, rows=(0, h))
         up_ref = dataclasses.replace(ref, out_features=h, rows=(h, 2 * h))
         x = first_input(fused)
@@ -68,8 +82,8 @@ def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
             *reversed(fused_casts),
             chunk,
             gate_part,
-            *reversed(gate_casts),
-            act,
+            *act.passes,
+            *act.nodes,
             *reversed(act_casts),
             up_part,
             *reversed(up_casts),
@@ -85,12 +99,13 @@ def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
             down_ref,
             fused,
             up_ref,
-            act,
-            name,
-            display,
+            act.end,
+            act.name,
+            act.display,
             gate=fused,
             gate_ref=gate_ref,
             body=body,
+            act_found=act,
         )
     return None
 

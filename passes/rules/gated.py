@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from torch import fx
 
+from moeify.passes import activation
 from moeify.passes.atoms import MUL_TARGETS
 from moeify.passes.capture import Captured
-from moeify.passes.rules.common import Candidate, activation_node, common_check, first_input, linear_ref, skip_back
+from moeify.passes.rules.common import Candidate, common_check, first_input, linear_ref, skip_back
 
 NAME = "gated"
 REWRITES = ("module", "forward")
@@ -34,22 +35,20 @@ def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
     mul, between = skip_back(first_input(down), cap)
     if mul is None:
         return None
-    for (act, act_casts), (up, up_casts) in _branches(mul, cap):
-        is_act, name, display = activation_node(act, cap)
+    for (end, act_casts), (up, up_casts) in _branches(mul, cap):
         up_ref = linear_ref(up, cap)
-        if not is_act or up_ref is None:
+        act = activation.find(end, cap) if up_ref is not None else None
+        if act is None or act.entry is up:
             continue
-        gate, gate_casts = skip_back(first_input(act), cap)
+        gate = act.entry
         gate_ref = linear_ref(gate, cap)
-        if gate_ref is None or gate is up:
-            continue
         x = first_input(up)
         if x is None or first_input(gate) is not x:
             continue
         body = [
             gate,
-            *reversed(gate_casts),
-            act,
+            *act.passes,
+            *act.nodes,
             *reversed(act_casts),
             up,
             *reversed(up_casts),
@@ -65,12 +64,13 @@ def pattern(down: fx.Node, cap: Captured) -> Candidate | None:
             down_ref,
             up,
             up_ref,
-            act,
-            name,
-            display,
+            act.end,
+            act.name,
+            act.display,
             gate=gate,
             gate_ref=gate_ref,
             body=body,
+            act_found=act,
         )
     return None
 

@@ -31,7 +31,7 @@ def assert_nothing_written(tmp_path, before: set):
     (["convert", "nope.pt", "-e", "4"], ["no such file or directory: nope.pt"]),
     (["inspect", "nope/"], ["no such file or directory"]),
     (["convert", "tests.cli_models:no_ffn", "-e", "4"], ["no FFN found", "moeify inspect -v"]),
-    (["convert", "tests.cli_models:tanh_mlp", "-e", "4"], ["no FFN found", "moeify inspect -v"]),
+    (["convert", "tests.cli_models:softmax_mlp", "-e", "4"], ["no FFN found", "moeify inspect -v"]),
     (["convert", "no_such_module_xyz:build", "-e", "4"], ["cannot import module 'no_such_module_xyz'"]),
     (["verify", "moeify.zoo:tiny_llama", "missing-dir"], ["no such file or directory: missing-dir"]),
 ])

@@ -31,12 +31,14 @@ def test_inspect_json_verbose(run):
 
 
 def test_inspect_no_ffn_hint(run):
-    result = run("inspect", "tests.cli_models:tanh_mlp")
+    result = run("inspect", "tests.cli_models:softmax_mlp")
     assert result.exit_code == 0
     assert "no FFN found; run with -v" in result.stdout
-    verbose = run("inspect", "tests.cli_models:tanh_mlp", "-v", "--json")
+    verbose = run("inspect", "tests.cli_models:softmax_mlp", "-v", "--json")
     rejected = json.loads(verbose.stdout)["rejected"]
-    assert len(rejected) == 1 and "Tanh is not supported" in rejected[0]["reason"]
+    assert len(rejected) == 1 and "Softmax is not elementwise" in rejected[0]["reason"]
+    silent = json.loads(verbose.stdout)["near_misses"]  # the rules that matched nowhere, and why
+    assert any(line.startswith("rule 'gated' matched nothing (looked at 2 linear-like") for line in silent)
 
 
 def test_verify_reports_difference_and_load(run):

@@ -122,10 +122,10 @@ class _Head(nn.Module):  # dense -> gelu -> out_proj to 3 labels: a head
         return self.out_proj(self.act(self.dense(x)))
 
 
-class _TanhFFN(nn.Module):
+class _SoftmaxFFN(nn.Module):  # softmax between the projections: not elementwise
     def __init__(self):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(D, H), nn.Tanh(), nn.Linear(H, D)
+        self.fc1, self.act, self.fc2 = nn.Linear(D, H), nn.Softmax(dim=-1), nn.Linear(H, D)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -156,7 +156,7 @@ class _Untraceable(nn.Module):  # data-dependent control flow and no method to t
     "module, words",
     [
         (_Head(), "not back to the input width"),
-        (_TanhFFN(), "Tanh is not supported"),
+        (_SoftmaxFFN(), "Softmax is not elementwise: its forward calls softmax: it normalises along a dim"),
         (_Leaky(), "also used outside"),
         (_Untraceable(), "did not trace"),
     ],
@@ -169,7 +169,7 @@ def test_rejections_have_reasons(module, words):
     assert any(words in r.reason and r.name == "1" for r in rejections), rejections
 
 
-def test_rejected_hf_activation():
+def test_hf_squared_relu_is_found():
     import transformers as T
 
     model = T.BertModel(
@@ -182,9 +182,8 @@ def test_rejected_hf_activation():
             hidden_act="relu2",
         )
     )
-    assert moeify.find_ffns(model) == []
-    (r,) = moeify.explain_ffns(model)
-    assert r.name == "encoder.layer.0" and "ReLUSquaredActivation is not supported" in r.reason
+    (m,) = moeify.find_ffns(model)
+    assert (m.name, m.activation, m.d_ff) == ("encoder.layer.0", "relu2", H)
 
 
 def test_analysis_writes_node_meta():
