@@ -266,6 +266,7 @@ class Found:
         return [n.format(i) for n in self.names for i in range(L)]
 
 
+_MOBILEBERT_FFNS = (".ffn.0", ".ffn.1", ".ffn.2")
 _S2S = ("model.encoder.layers.{}", "model.decoder.layers.{}")
 _T5 = ("encoder.block.{}.layer.1.DenseReluDense", "decoder.block.{}.layer.2.DenseReluDense")
 
@@ -288,7 +289,7 @@ EXPECTED: dict[str, Found] = {
     "deberta_v2": Found(("deberta.encoder.layer.{}",), "gelu", False),
     # MobileBERT: 3 stacked FFNs per layer plus the layer's own (intermediate -> output)
     "mobilebert": Found(
-        tuple(f"mobilebert.encoder.layer.{i}{ffn}" for i in range(L) for ffn in ("", ".ffn.0", ".ffn.1", ".ffn.2")),
+        tuple(f"mobilebert.encoder.layer.{i}{sub}" for i in range(L) for sub in ("", *_MOBILEBERT_FFNS)),
         "relu", False,
     ),
     "xlm_roberta": Found(("encoder.layer.{}",), "gelu", False),
