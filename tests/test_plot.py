@@ -65,6 +65,7 @@ def test_heatmap_flags_a_collapsed_layer():
     assert "worst layer balance 0.00" in fig.axes[0].get_title()
 
 
+@pytest.mark.slow
 def test_load_history_and_plot(tmp_path):
     model = _run_layers(n_layers=2, E=4)
     history = LoadHistory()

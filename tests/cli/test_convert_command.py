@@ -28,6 +28,7 @@ def test_convert_as_typed_derives_output(run, tmp_path):
     torch.testing.assert_close(again(ids), model(ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_convert_callable_summary_and_reload(run, tmp_path):
     result = run("convert", "moeify.zoo:tiny_llama", "--experts", "4", "--k", "1", "--seed", "3")
     assert result.exit_code == 0, result.output
@@ -114,6 +115,7 @@ def test_convert_format_mixtral_refuses_bert(run):
     assert "needs a llama or mistral model, got bert" in result.stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m(run, tmp_path):
     """End to end in a subprocess (`python -m moeify convert`), then verified in-process."""
     import subprocess

@@ -54,6 +54,7 @@ def test_verify_atol_fails_on_different_models(run):
     assert "exceeds --atol 1e-06" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo(run):
     result = run("demo", "--experts", "4")
     assert result.exit_code == 0, result.output

@@ -141,6 +141,7 @@ def test_gradcheck(activation, gated, bias, group_layout):
         assert torch.autograd.gradcheck(f(op), tuple(inp[n] for n in names), fast_mode=True)
 
 
+@pytest.mark.slow
 def test_opcheck():
     """Schema, fake kernels, autograd registration and AOT dispatch of the ops. The full check runs once on
     the public op and the backward op; the training op and the variants (no bias, no dropped rows, partial

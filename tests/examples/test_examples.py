@@ -109,6 +109,7 @@ def _is_png(path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_upcycle_gpt_quick(tmp_path, capsys):
     import upcycle_gpt
 
@@ -158,6 +159,8 @@ def tiny_bert_dir(tmp_path):
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.ort
 def test_minilm_upcycle_quick_on_tiny_bert(tiny_bert_dir, tmp_path):
     import minilm_upcycle
 
