@@ -241,6 +241,7 @@ def test_report_numbers():
     assert "1/1 FFNs converted" in str(rep)
 
 
+@pytest.mark.slow
 def test_inplace_and_training_step():
     entry = ZOO["bert"]
     model = entry.build()

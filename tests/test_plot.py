@@ -45,6 +45,7 @@ def test_summarize_load_uniform_and_collapsed():
     assert half.balance == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_heatmap_from_routing_stats(tmp_path):
     model = _run_layers(n_layers=3, E=4)
     stats = moeify.routing_stats(model)

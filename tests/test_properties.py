@@ -186,7 +186,7 @@ def test_every_named_activation_is_exercised():
         assert [(f.name, f.activation) for f in found] == [("ffn", name)]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(settings_())
 def test_claimed_exact_settings_stay_exact_after_convert_and_save_load(setting):
     dense, moe, claimed = convert(setting)

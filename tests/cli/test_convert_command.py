@@ -82,6 +82,7 @@ def test_convert_state_dict_with_arch_to_pt(run, tmp_path):
     assert any(isinstance(m, moeify.MoELayer) for m in model.modules())
 
 
+@pytest.mark.slow
 def test_convert_hf_directory_and_force(run, tmp_path):
     from moeify.zoo import tiny_bert
 
@@ -97,6 +98,7 @@ def test_convert_hf_directory_and_force(run, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_convert_format_mixtral(run, tmp_path):
     import transformers
 

@@ -39,6 +39,7 @@ def test_inspect_no_ffn_hint(run):
     assert len(rejected) == 1 and "Tanh is not supported" in rejected[0]["reason"]
 
 
+@pytest.mark.slow
 def test_verify_reports_difference_and_load(run):
     assert run("convert", "moeify.zoo:tiny_llama", "-e", "4", "-o", "moe").exit_code == 0
     result = run("verify", "moeify.zoo:tiny_llama", "moe")

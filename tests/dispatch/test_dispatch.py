@@ -182,6 +182,7 @@ def _train_step(layer, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor
 
 # Inductor is left out: compiling its C++ kernels took minutes on the shared 2-core machine. aot_eager runs
 # the same AOT autograd graphs (forward through the fake kernels, backward through the backward op).
+@pytest.mark.slow
 @pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "recycled"])
 @pytest.mark.parametrize("backend", ["aot_eager"])
 def test_compile_training_step_matches_eager(backend, pooled, monkeypatch):

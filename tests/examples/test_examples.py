@@ -80,6 +80,7 @@ def test_interpolate():
     assert math.isnan(gpt_training.interpolate(xs, ys, 25.0))
 
 
+@pytest.mark.slow
 def test_train_lowers_loss_and_records_curve_and_load():
     torch.manual_seed(0)
     model = GPT(TINY)
@@ -196,6 +197,7 @@ def test_minilm_pooling_matches_sentence_transformers_definition():
     assert torch.allclose(emb, torch.tensor([[2.0, 2.0]]) / 8 ** 0.5)  # mean of real tokens, unit length
 
 
+@pytest.mark.slow
 def test_quickstart_quick(tmp_path):
     import quickstart
 
