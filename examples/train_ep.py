@@ -75,7 +75,9 @@ def upcycle(model: TinyLM, num_experts: int, k: int) -> None:
     for block in model.blocks:
         up, down = block.ffn[0], block.ffn[2]
         cfg = moeify.MoEConfig(d_model=up.in_features, d_ff=up.out_features, num_experts=num_experts, k=k,
-                               activation="gelu", gated=False, bias=True, capacity_factor=1.5)
+                               activation="gelu", gated=False, bias=True)
+        # no capacity_factor: in a causal decoder a capacity limit would let a later token's choice drop an
+        # earlier token's, so moeify refuses it there (MoELayer(causal=True) raises ConfigError)
         moe = moeify.MoELayer(cfg, causal=True).to(up.weight.device)
         dense = DenseFFNWeights(w1=up.weight, b1=up.bias, w2=down.weight, b2=down.bias, activation="gelu",
                                 gated=False)

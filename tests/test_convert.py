@@ -30,6 +30,7 @@ def _moe_layers(model):
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_copy_topk_preserves_outputs_and_class(name):
     entry = ZOO[name]
@@ -92,6 +93,7 @@ def _row_id(row):
     return "-".join([init, router, f"k{k}", *(f"{a}={b}" for a, b in cfg.items())])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "bert"])  # gated + causal; split FFN (chain surgery)
 @pytest.mark.parametrize("row", TABLE, ids=_row_id)
 def test_preservation_table(name, row):
@@ -126,6 +128,7 @@ def test_preservation_table(name, row):
         assert preserves_config(ucfg, _moe_layers(moe)[0].config) == preserved  # upcycling's claim agrees
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_hf_decoders_still_generate(name):
     entry, model, _, moe = _converted(name)
@@ -137,6 +140,7 @@ def test_hf_decoders_still_generate(name):
     assert all(layer.causal for layer in _moe_layers(moe))
 
 
+@pytest.mark.slow
 def test_t5_decoder_layers_are_causal():
     _, _, _, moe = _converted("t5")
     for name, m in moe.named_modules():
@@ -144,6 +148,7 @@ def test_t5_decoder_layers_are_causal():
             assert m.causal == name.startswith("decoder"), name
 
 
+@pytest.mark.slow
 def test_save_pretrained_and_rebuild_from_report(tmp_path):
     entry, _, ref, moe = _converted("llama", k=1)
     moe.save_pretrained(tmp_path)
@@ -158,6 +163,7 @@ def test_save_pretrained_and_rebuild_from_report(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "t5", "raw_linear", "torch_encoder", "albert"])
 def test_rebuild_recipe_every_surgery(name):
     entry, _, ref, moe = _converted(name, every=2 if name == "t5" else 1)
@@ -171,6 +177,7 @@ def _names(model):
     return list(moeify.conversion_report(model).converted)
 
 
+@pytest.mark.slow
 def test_selection_every_include_exclude_filter():
     t5 = ZOO["t5"].build()
     enc = [f"encoder.block.{i}.layer.1.DenseReluDense" for i in range(2)]
@@ -234,6 +241,7 @@ def test_report_numbers():
     assert "1/1 FFNs converted" in str(rep)
 
 
+@pytest.mark.slow
 def test_inplace_and_training_step():
     entry = ZOO["bert"]
     model = entry.build()
@@ -331,6 +339,7 @@ def test_new_layers_follow_the_model_mode_and_mixed_biases():
     assert all(m.training for m in moeify.convert(ZOO["llama"].build().train(), experts=E).modules())
 
 
+@pytest.mark.slow
 def test_converted_model_is_not_converted_again():
     moe = moeify.convert(ZOO["llama"].build(), experts=E)
     with pytest.raises(MoeifyError, match="no FFN found"):
@@ -388,6 +397,7 @@ def test_every_surgery_keeps_its_promise(surgery, name):
         assert (rel_err(entry.run(moe), ref) <= 1e-5) == promises[surgery]
 
 
+@pytest.mark.slow
 def test_rebuild_recipe_keeps_split_widths():
     entry, _, ref, moe = _converted("llama", init="split", k=E)
     report = moeify.conversion_report(moe)

@@ -53,6 +53,7 @@ def test_regular_install_beside_a_user_passes_package(tmp_path):
     assert done.stdout.split() == ["ok", "3"]
 
 
+@pytest.mark.slow
 def test_installed_moeify_beside_a_user_passes_package(tmp_path):
     """The moeify this suite runs (editable in CI) imports from a folder holding its own `passes/`."""
     code = "import moeify.zoo\n" + _USER_CODE

@@ -45,6 +45,7 @@ def test_summarize_load_uniform_and_collapsed():
     assert half.balance == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_heatmap_from_routing_stats(tmp_path):
     model = _run_layers(n_layers=3, E=4)
     stats = moeify.routing_stats(model)
@@ -65,6 +66,7 @@ def test_heatmap_flags_a_collapsed_layer():
     assert "worst layer balance 0.00" in fig.axes[0].get_title()
 
 
+@pytest.mark.slow
 def test_load_history_and_plot(tmp_path):
     model = _run_layers(n_layers=2, E=4)
     history = LoadHistory()

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_moe_layer_benchmark_quick_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -20,6 +21,7 @@ def test_moe_layer_benchmark_quick_runs():
     assert "fwd+bwd" in proc.stdout and "forward" in proc.stdout
 
 
+@pytest.mark.slow
 def test_moe_layer_benchmark_without_recycling_runs():
     script = ROOT / "benchmarks" / "moe_layer.py"
     proc = subprocess.run([sys.executable, str(script), "--quick", "--no-recycle"], cwd=ROOT,
@@ -28,6 +30,7 @@ def test_moe_layer_benchmark_without_recycling_runs():
     assert "gradient recycling" in proc.stdout  # the title says so (rich may wrap it)
 
 
+@pytest.mark.slow
 def test_dispatch_choices_benchmark_quick_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dispatch_choices.py"), "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -28,6 +28,7 @@ def test_convert_as_typed_derives_output(run, tmp_path):
     torch.testing.assert_close(again(ids), model(ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_convert_callable_summary_and_reload(run, tmp_path):
     result = run("convert", "moeify.zoo:tiny_llama", "--experts", "4", "--k", "1", "--seed", "3")
     assert result.exit_code == 0, result.output
@@ -81,6 +82,7 @@ def test_convert_state_dict_with_arch_to_pt(run, tmp_path):
     assert any(isinstance(m, moeify.MoELayer) for m in model.modules())
 
 
+@pytest.mark.slow
 def test_convert_hf_directory_and_force(run, tmp_path):
     from moeify.zoo import tiny_bert
 
@@ -96,6 +98,7 @@ def test_convert_hf_directory_and_force(run, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_convert_format_mixtral(run, tmp_path):
     import transformers
 
@@ -114,6 +117,7 @@ def test_convert_format_mixtral_refuses_bert(run):
     assert "needs a llama or mistral model, got bert" in result.stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m(run, tmp_path):
     """End to end in a subprocess (`python -m moeify convert`), then verified in-process."""
     import subprocess

@@ -41,6 +41,7 @@ def test_inspect_no_ffn_hint(run):
     assert any(line.startswith("rule 'gated' matched nothing (looked at 2 linear-like") for line in silent)
 
 
+@pytest.mark.slow
 def test_verify_reports_difference_and_load(run):
     assert run("convert", "moeify.zoo:tiny_llama", "-e", "4", "-o", "moe").exit_code == 0
     result = run("verify", "moeify.zoo:tiny_llama", "moe")
@@ -56,6 +57,7 @@ def test_verify_atol_fails_on_different_models(run):
     assert "exceeds --atol 1e-06" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo(run):
     result = run("demo", "--experts", "4")
     assert result.exit_code == 0, result.output

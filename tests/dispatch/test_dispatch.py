@@ -141,6 +141,7 @@ def test_gradcheck(activation, gated, bias, group_layout):
         assert torch.autograd.gradcheck(f(op), tuple(inp[n] for n in names), fast_mode=True)
 
 
+@pytest.mark.slow
 def test_opcheck():
     """Schema, fake kernels, autograd registration and AOT dispatch of the ops. The full check runs once on
     the public op and the backward op; the training op and the variants (no bias, no dropped rows, partial
@@ -181,6 +182,7 @@ def _train_step(layer, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor
 
 # Inductor is left out: compiling its C++ kernels took minutes on the shared 2-core machine. aot_eager runs
 # the same AOT autograd graphs (forward through the fake kernels, backward through the backward op).
+@pytest.mark.slow
 @pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "recycled"])
 @pytest.mark.parametrize("backend", ["aot_eager"])
 def test_compile_training_step_matches_eager(backend, pooled, monkeypatch):

@@ -80,6 +80,7 @@ def test_interpolate():
     assert math.isnan(gpt_training.interpolate(xs, ys, 25.0))
 
 
+@pytest.mark.slow
 def test_train_lowers_loss_and_records_curve_and_load():
     torch.manual_seed(0)
     model = GPT(TINY)
@@ -109,6 +110,7 @@ def _is_png(path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_upcycle_gpt_quick(tmp_path, capsys):
     import upcycle_gpt
 
@@ -158,6 +160,8 @@ def tiny_bert_dir(tmp_path):
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.ort
 def test_minilm_upcycle_quick_on_tiny_bert(tiny_bert_dir, tmp_path):
     import minilm_upcycle
 
@@ -193,6 +197,7 @@ def test_minilm_pooling_matches_sentence_transformers_definition():
     assert torch.allclose(emb, torch.tensor([[2.0, 2.0]]) / 8 ** 0.5)  # mean of real tokens, unit length
 
 
+@pytest.mark.slow
 def test_quickstart_quick(tmp_path):
     import quickstart
 

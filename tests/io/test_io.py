@@ -166,6 +166,7 @@ def test_round_trip_callable_source(tmp_path):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+@pytest.mark.slow
 def test_round_trip_hf_source_needs_no_source_files(tmp_path):
     from moeify.zoo import tiny_llama
 
@@ -278,6 +279,7 @@ def _hf_logits_match(model, out_dir, cls_name):
     return hf
 
 
+@pytest.mark.slow
 def test_mixtral_export_same_logits(tmp_path):
     from moeify.io.hf_export import export_hf
     from moeify.zoo import tiny_llama
@@ -322,6 +324,7 @@ QWEN = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
     ("Qwen3", "qwen3_moe", "Qwen3MoeForCausalLM", 1),
     ("Qwen3", "qwen3_moe", "Qwen3MoeForCausalLM", 2),
 ])
+@pytest.mark.slow
 def test_qwen_moe_export_same_logits(tmp_path, family, fmt, cls_name, every):
     from moeify.io.hf_export import export_hf
 

@@ -94,6 +94,7 @@ PRESERVING = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ucfg,moe", PRESERVING, ids=lambda v: str(v) if isinstance(v, dict) else v.init)
 def test_preserving_strategies_reproduce_dense_for_every_activation(ucfg, moe):
     x = torch.randn(50, D)
@@ -105,6 +106,7 @@ def test_preserving_strategies_reproduce_dense_for_every_activation(ucfg, moe):
         assert err <= TOL, (ucfg.init, moe, activation, gated, bias, err)
 
 
+@pytest.mark.slow
 def test_preservation_claims_hold_over_routing_grid():
     """Wherever `preserves` says yes, the upcycled layer equals the dense FFN; the rest is checked below."""
     ffn = make_dense("silu", gated=True, bias=True)
@@ -351,6 +353,7 @@ def test_random_and_zero_router_inits():
     assert 0.4 < float(layer.router.weight.detach().std()) < 0.6
 
 
+@pytest.mark.slow
 def test_kmeans_helpers():
     x, labels, _ = clustered_points()
     g = torch.Generator().manual_seed(0)
