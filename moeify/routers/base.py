@@ -40,7 +40,8 @@ class RouterCapabilities:
             convert wires the model's input_ids to such layers.
         soft: returns a `SoftRouting` (every expert sees a mix of all tokens), not a sparse assignment.
         mixes_tokens: one token's route depends on other tokens of the forward; refused in causal decoders.
-        active_experts: experts one token runs, on average (for the active-parameter count).
+        active_experts: experts one token runs at inference (eval mode), on average, counting choices a
+            capacity limit may drop (for the active-parameter count).
         lowerings: the ONNX ops that can express the router's layer, in order of preference, of
             ORT_MOE, GROUPED_FFN and SOFT_EXPERTS; an op's own file still checks what is not the router's
             business (activation, installed runtime).

@@ -15,11 +15,12 @@ router is causal-safe.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
 
-from moeify.routers.base import Router
+from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.hash import fixed_routing
 from moeify.routers.hashing import TokenHash
 from moeify.routers.registry import register_router
@@ -34,7 +35,13 @@ Tensor = torch.Tensor
 @register_router("random")
 class RandomRouter(Router):
     learned = False
-    reads_token_ids = True  # at inference, with random_eval_rule="hash"
+
+    @classmethod
+    def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
+        # at inference: the hash rule reads the token ids and runs k experts; "mean" runs all E
+        hashing = config.random_eval_rule == "hash"
+        return dataclasses.replace(super().capabilities(config), reads_token_ids=hashing,
+                                   active_experts=float(config.k if hashing else config.num_experts))
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
