@@ -10,7 +10,7 @@ from moeify.report import ConversionReport, conversion_report
 from moeify.sharing import share_router
 from moeify.stats import RoutingStats
 from moeify.passes.match import FFNMatch, Rejection
-from moeify.version import __version__
+from moeify.version import __version__ as __version__
 
 __all__ = [
     "ConfigError", "ConversionReport", "ConvertConfig", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",

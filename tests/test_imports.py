@@ -55,7 +55,8 @@ def _imports(module: str) -> tuple[set[str], set[str]]:
             if isinstance(child, ast.Import):
                 names = [a.name for a in child.names]
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
-                subs = [f"{child.module}.{a.name}" for a in child.names if f"{child.module}.{a.name}" in MODULES]
+                subs = [f"{child.module}.{a.name}" for a in child.names
+                        if f"{child.module}.{a.name}" in MODULES]
                 names = subs if len(subs) == len(child.names) else [*subs, child.module]
             for name in names:
                 target = _resolve(name)

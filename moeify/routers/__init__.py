@@ -24,5 +24,5 @@ def build_router(config) -> Router:
     return router_class(config.router)(config)
 
 
-__all__ = ["GROUPED_FFN", "ORT_MOE", "ROUTERS", "SOFT_EXPERTS", "Router", "RouterCapabilities", "build_router",
-           "register_router", "router_class", "unregister_router"]
+__all__ = ["GROUPED_FFN", "ORT_MOE", "ROUTERS", "SOFT_EXPERTS", "Router", "RouterCapabilities",
+           "build_router", "register_router", "router_class", "unregister_router"]

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-
 if TYPE_CHECKING:  # annotations only: moeify.config imports this package to check router names
     from moeify.config import MoEConfig
 

@@ -39,7 +39,8 @@ TABLE = [
     ("random", {"k": 1}, caps(learned=False, ids=True, active=1.0)),
     ("random", {"random_eval_rule": "mean"}, caps(learned=False, active=4.0)),  # every expert, no ids
     ("soft", {}, caps(soft=True, mixes=True, active=4.0, lowerings=(SOFT_EXPERTS,))),
-    ("soft", {"slots_per_expert": 2, "k": 1}, caps(soft=True, mixes=True, active=4.0, lowerings=(SOFT_EXPERTS,))),
+    ("soft", {"slots_per_expert": 2, "k": 1},
+     caps(soft=True, mixes=True, active=4.0, lowerings=(SOFT_EXPERTS,))),
     ("balanced", {}, caps(mixes=True, active=1.0)),  # top-1 whatever k says
     ("balanced", {"k": 3}, caps(mixes=True, active=1.0)),
 ]
@@ -51,7 +52,8 @@ def _id(row):
 
 
 def test_table_covers_every_builtin_router():
-    assert {router for router, _, _ in TABLE} == {"topk", "expert_choice", "hash", "random", "soft", "balanced"}
+    assert {router for router, _, _ in TABLE} == {"topk", "expert_choice", "hash", "random", "soft",
+                                                  "balanced"}
 
 
 @pytest.mark.parametrize("row", TABLE, ids=_id)
