@@ -4,13 +4,13 @@ from moeify.config import ConfigError, MoEConfig
 from moeify.convert import convert, explain_ffns, find_ffns
 from moeify.convert_config import ConvertConfig
 from moeify.io import load, save
-from moeify.layer import MoELayer, aux_loss
+from moeify.last_forward import aux_loss, routing_stats
+from moeify.layer import MoELayer
 from moeify.report import ConversionReport, conversion_report
 from moeify.sharing import share_router
-from moeify.stats import RoutingStats, routing_stats
+from moeify.stats import RoutingStats
 from moeify.passes.match import FFNMatch, Rejection
-
-__version__ = "0.1.0"
+from moeify.version import __version__ as __version__
 
 __all__ = [
     "ConfigError", "ConversionReport", "ConvertConfig", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",

@@ -11,18 +11,16 @@ import math
 from dataclasses import dataclass, field
 
 from moeify.activations import ACTIVATIONS
-from moeify.errors import MoeifyError
+from moeify.errors import ConfigError
 from moeify.json_config import JsonConfig
+from moeify.routers import router_class
 
 CONFIG_VERSION = 1
 
-# Router names are validated against the registry lazily (routers import this module).
+# Router names are checked against the router registry when a config is made, so a router registered
+# later (`moeify.routers.register_router`, from any package) is accepted from then on.
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 RANDOM_EVAL_RULES = ("hash", "mean")
-
-
-class ConfigError(MoeifyError, ValueError):
-    """A configuration value is invalid; the message says which and what to use instead."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +60,6 @@ class MoEConfig(JsonConfig):
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
-        from moeify.routers import ROUTERS  # late: routers import config
-
         def need(cond: bool, message: str) -> None:
             if not cond:
                 raise ConfigError(message)
@@ -86,7 +82,7 @@ class MoEConfig(JsonConfig):
             is_int(self.k) and 1 <= self.k <= self.num_experts,
             f"k must satisfy 1 <= k <= num_experts ({self.num_experts}), got k={self.k!r}",
         )
-        one_of("router", ROUTERS)
+        router_class(self.router)  # ConfigError naming the registered routers when unknown
         one_of("activation", ACTIVATIONS)
         for name in ("gated", "bias", "normalize"):
             value = getattr(self, name)

@@ -38,7 +38,7 @@ from moeify.passes import (
 )
 from moeify.passes.match import FFNMatch, Rejection
 from moeify.passes.rewrite import dense_weights
-from moeify.passes.token_ids import HASHING_ROUTERS
+from moeify.passes.token_ids import reads_token_ids
 
 def find_ffns(model: nn.Module) -> list[FFNMatch]:
     """The FFNs of `model`, in module order. Nothing is changed. See `FFNMatch` for the fields."""
@@ -76,17 +76,6 @@ def _expert_width(config: ConvertConfig, site: Site) -> int:
             f"experts of width {strategy}; drop expert_d_ff or use init='none'"
         )
     return wanted
-
-
-def _active_experts(cfg: MoEConfig) -> int:
-    """Experts one token runs (on average for expert choice; soft runs all of them on its slots)."""
-    if cfg.router == "soft":
-        return cfg.num_experts
-    if cfg.router == "balanced":
-        return 1  # BASE is top-1 whatever k says
-    if cfg.router == "expert_choice":  # E experts x C = cf*T*k/E tokens each: cf*k per token
-        return min(cfg.num_experts, max(1, round(cfg.k * (cfg.capacity_factor or 1.0))))
-    return cfg.k
 
 
 def _expert_params(cfg: MoEConfig) -> int:
@@ -165,8 +154,9 @@ def convert(
             progress(site.match.name, index + 1, len(selected))
 
     runner.run(Rewrite(tuple(Replacement(site, layer) for site, _, layer in layers), config.init), target)
-    if config.router in HASHING_ROUTERS:
-        runner.run(WireTokenIds(tuple(layer for _, _, layer in layers)), target)
+    id_readers = tuple(layer for _, _, layer in layers if reads_token_ids(layer))
+    if id_readers:
+        runner.run(WireTokenIds(id_readers), target)
     report = _report(target, analysis, layers, params_before, config=config, passes=runner.summaries)
     setattr(target, REPORT_ATTR, report)
     return target
@@ -205,7 +195,7 @@ def _report(model, analysis, layers, params_before: int, *, config: ConvertConfi
     ffns, inactive = [], 0
     for site, cfg, layer in layers:
         after = count_params(layer)
-        idle = (cfg.num_experts - _active_experts(cfg)) * _expert_params(cfg)
+        idle = round(cfg.num_experts - layer.router.caps.active_experts) * _expert_params(cfg)
         inactive += idle
         m = site.match
         ffns.append(

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any, TypeVar
 
-from moeify.errors import MoeifyError
+from moeify.errors import ConfigError, MoeifyError
 
 C = TypeVar("C", bound="JsonConfig")
 
@@ -31,8 +31,6 @@ class JsonConfig:
 
     @classmethod
     def _config_error(cls, message: str) -> MoeifyError:
-        from moeify.config import ConfigError  # late: moeify.config uses this mixin
-
         return ConfigError(message)
 
     @classmethod

@@ -17,6 +17,7 @@ from torch import nn
 
 from moeify.config import ConfigError, MoEConfig
 from moeify.dense_ffn import DenseFFN
+from moeify.deprecation import moved
 from moeify.dispatch import grouped_ffn, soft_experts
 from moeify.lowering.context import export_target
 from moeify.routers import Router, build_router
@@ -135,17 +136,4 @@ class MoELayer(nn.Module):
                 f"shared={c.num_shared_experts}")
 
 
-def aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the auxiliary router losses of the last forward over every MoE layer of `model`.
-
-    Returns a zero scalar when no layer has a loss (no MoE layer, not run yet, or coefficients 0). Add it to
-    the task loss before `backward()`.
-    """
-    total = None
-    for m in model.modules():
-        if isinstance(m, MoELayer) and m.last_aux_loss is not None:
-            total = m.last_aux_loss if total is None else total + m.last_aux_loss
-    if total is None:
-        param = next(model.parameters(), None)
-        return torch.zeros((), device=None if param is None else param.device)
-    return total
+__getattr__ = moved(__name__, {"aux_loss": "moeify.last_forward:aux_loss"})

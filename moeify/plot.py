@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moeify.errors import MoeifyError
+from moeify.last_forward import routing_stats
 from moeify.stats import RoutingStats
 
 Tensor = torch.Tensor
@@ -147,8 +148,6 @@ class LoadHistory:
     loads: dict[str, list[Tensor]] = field(default_factory=dict)  # layer -> one [E] share per step
 
     def record(self, step: int, model_or_stats) -> None:
-        from moeify.stats import routing_stats
-
         stats = model_or_stats if isinstance(model_or_stats, Mapping) else routing_stats(model_or_stats)
         if not stats:
             return

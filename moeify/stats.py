@@ -1,11 +1,13 @@
-"""Routing statistics kept by each MoE layer after a forward, for logging and plots."""
+"""Routing statistics kept by each MoE layer after a forward, for logging and plots (read them over a model
+with `moeify.routing_stats`, in moeify.last_forward)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+
+from moeify.deprecation import moved
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,4 @@ class RoutingStats:
         return counts.float() / counts.sum().clamp(min=1e-9)
 
 
-def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
-    """Module path -> the statistics of that MoE layer's last forward (layers not yet run are absent)."""
-    from moeify.layer import MoELayer
-
-    return {name: m.last_stats for name, m in model.named_modules()
-            if isinstance(m, MoELayer) and m.last_stats is not None}
+__getattr__ = moved(__name__, {"routing_stats": "moeify.last_forward:routing_stats"})

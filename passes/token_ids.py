@@ -1,5 +1,5 @@
-"""Wire the model's token ids to its MoE layers, for routers that hash token ids (`hash`, and `random`
-at inference with its hash rule).
+"""Wire the model's token ids to its MoE layers, for routers that read token ids (`reads_token_ids` in
+their capabilities: `hash`, and `random` at inference with its hash rule).
 
 Hash Layers route each token by its *id*; an MoELayer deep inside a model only sees hidden states. When
 the model's forward takes `input_ids` and every converted layer sees one position per input token, two
@@ -28,7 +28,6 @@ from torch import nn
 
 IDS_ATTR = "_moeify_token_ids"
 ROOT_ATTR = "_moeify_ids_root"
-HASHING_ROUTERS = ("hash", "random")
 
 
 def _remember_ids(model: nn.Module, args: tuple, kwargs: dict):
@@ -44,6 +43,12 @@ def _give_ids(layer: nn.Module, args: tuple, kwargs: dict):
     if ids is None or x is None or tuple(x.shape[:-1]) != tuple(ids.shape):
         return None
     return args, {**kwargs, "token_ids": ids}
+
+
+def reads_token_ids(layer: nn.Module) -> bool:
+    """Whether `layer`'s router routes on token ids when given them (its capabilities say so): the layers
+    to give to `WireTokenIds`."""
+    return layer.router.caps.reads_token_ids
 
 
 def _why_not_wired(model: nn.Module) -> str | None:

@@ -13,10 +13,16 @@ the original Mixtral release use per-expert `experts.{e}.w1/w3/w2`; transformers
 loading, and loads the fused names as they are.)
 
 What must fit (checked, with a message saying what differs): a causal-LM source of the family, MoE layers
-with top-k softmax routing, no capacity limit, no shared experts, gated experts without bias using the
-model's activation, the same expert count / k / width in every layer. Mixtral has an MoE block in every
-layer; Qwen-MoE keeps dense MLPs in `mlp_only_layers`, so `--every`/`--include` are allowed there.
+with top-k softmax routing over a linear gate, no capacity limit, no shared experts, gated experts without
+bias using the model's activation, the same expert count / k / width in every layer. Mixtral has an MoE
+block in every layer; Qwen-MoE keeps dense MLPs in `mlp_only_layers`, so `--every`/`--include` are allowed
+there.
 Qwen2-MoE always has a sigmoid-gated shared expert: it is written with zero weights so it adds nothing.
+
+The routing is asked of the router's capabilities, not its name: a router that claims com.microsoft.MoE
+routes exactly as that op does (top-k of softmax or sigmoid scores over its logits, dropless; see
+`moeify.routers.RouterCapabilities`), which is what these checkpoints' gates compute too, given a learned
+gate [E, D] and softmax scores.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import nn
 from moeify.errors import MoeifyError
 from moeify.io.atomic import atomic_output
 from moeify.io.weights import dedupe, write_safetensors
+from moeify.routers.base import ORT_MOE
 
 
 @dataclass(frozen=True)
@@ -118,8 +125,10 @@ def _check_layers(model: nn.Module, layers: dict, fmt: str) -> tuple[int, int, i
     for _, (path, layer) in sorted(layers.items()):
         c = layer.config
         problems = []
-        if c.router != "topk" or c.score_fn != "softmax":
-            problems.append(f"router {c.router}/{c.score_fn} (needs topk/softmax)")
+        caps = layer.router.caps
+        if ORT_MOE not in caps.lowerings or not caps.learned or c.score_fn != "softmax":
+            problems.append(f"router {c.router}/{c.score_fn} (needs softmax top-k token choice over a "
+                            "learned gate, as topk/softmax)")
         if c.capacity_factor is not None:
             problems.append("a capacity factor (needs dropless routing)")
         if c.num_shared_experts:

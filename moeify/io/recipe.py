@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeify.convert import convert
 from moeify.convert_config import ConvertConfig
 from moeify.errors import MoeifyError
 from moeify.io import sources
 from moeify.io.atomic import atomic_output
 from moeify.io.weights import DEFAULT_SHARD_BYTES, dedupe, read_into, write_safetensors
-from moeify.report import count_params
+from moeify.layer import MoELayer
+from moeify.report import conversion_report, count_params
+from moeify.version import __version__
 
 RECIPE_NAME = sources.RECIPE_NAME
 RECIPE_FORMAT = "moeify.recipe"
@@ -41,11 +44,9 @@ RECIPE_VERSION = 2  # 2: the conversion as a ConvertConfig (1: keyword options)
 
 def conversion_record(model: nn.Module) -> dict | None:
     """{"config": ..., "converted": [...]} of a converted model, None for a model with no MoE layer."""
-    import moeify
-
-    if not any(isinstance(m, moeify.MoELayer) for m in model.modules()):
+    if not any(isinstance(m, MoELayer) for m in model.modules()):
         return None
-    report = moeify.conversion_report(model)
+    report = conversion_report(model)
     return {"config": _jsonable(report.config.to_dict(), "conversion options"),
             "converted": list(report.converted)}
 
@@ -89,12 +90,10 @@ def resolve_source(model: nn.Module, source: str | dict | None) -> dict:
 
 def build_recipe(model: nn.Module, source: dict, conversion: dict | None, aliases: dict[str, str],
                  files: list[str]) -> dict:
-    import moeify
-
     return {
         "format": RECIPE_FORMAT,
         "version": RECIPE_VERSION,
-        "moeify_version": moeify.__version__,
+        "moeify_version": __version__,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "source": source,
@@ -129,17 +128,11 @@ def save(model: nn.Module, path: str | Path, *, source: str | dict | None = None
     record = conversion_record(model)  # fails early (before writing) when the options are not JSON-able
     state, aliases = dedupe(model.state_dict())
     with atomic_output(path, directory=True, force=force, inputs=inputs) as tmp:
-        files = _guard_os(lambda: write_safetensors(state, tmp, {"moeify_version": _version()},
+        files = _guard_os(lambda: write_safetensors(state, tmp, {"moeify_version": __version__},
                                                     max_shard_bytes, progress), path)
         recipe = build_recipe(model, src, record, aliases, files)
         (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def _version() -> str:
-    import moeify
-
-    return moeify.__version__
 
 
 def _guard_os(fn, path: Path):
@@ -179,7 +172,7 @@ def rebuild_source(source: dict, trust_pickle: bool = False) -> nn.Module:
             raise MoeifyError(f"the source {file} of this model is gone and the recipe needs it to rebuild "
                               "the structure; pass model= (a fresh dense model) or convert again with "
                               "-o x.pt")
-        return sources.load_model(str(file), trust_pickle=trust_pickle).model  # refuses untrusted code
+        return sources.load_file(file, trust_pickle=trust_pickle).model  # refuses untrusted code
     raise MoeifyError("this model was saved without a known source (not a Hugging Face model, nor loaded by "
                       "moeify); pass model= a freshly built dense model of the same architecture")
 
@@ -190,11 +183,9 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_pickle: bool
     model: a freshly built *dense* model to convert instead of rebuilding it from the recipe's source
         (needed when the source is unknown). A `.pt` path is unpickled (needs trust_pickle=True).
     """
-    import moeify
-
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth"):
-        return sources.load_model(str(path), trust_pickle=trust_pickle).model
+        return sources.load_file(path, trust_pickle=trust_pickle).model
     if not path.is_dir():
         raise MoeifyError(f"no moeify output at {path}; expected a directory with {RECIPE_NAME}")
     recipe = read_recipe(path)
@@ -203,8 +194,8 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_pickle: bool
     conversion = recipe.get("conversion")
     if conversion:
         config = recorded_config(conversion, recipe["version"]).replace(init="none")  # structure only
-        converted = moeify.convert(dense, config, inplace=True)
-        got = list(moeify.conversion_report(converted).converted)
+        converted = convert(dense, config, inplace=True)
+        got = list(conversion_report(converted).converted)
         if got != list(conversion["converted"]):
             raise MoeifyError(f"rebuilding {path} converted {len(got)} module(s) where the recipe lists "
                               f"{len(conversion['converted'])}; the source model has changed since it was "

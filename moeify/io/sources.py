@@ -1,6 +1,6 @@
 """Load a model from what a user types: a file, a directory or `module:callable`.
 
-Accepted (`load_model`):
+Accepted (`moeify.io.load_model`):
   (a) a full-module `.pt` written by `torch.save(model)`: one made only of torch.nn classes loads safely
       (weights_only with torch.nn allow-listed); one that needs other code (the user's model class) runs
       that code when unpickled, so it is refused unless `trust_pickle=True`;
@@ -10,6 +10,8 @@ Accepted (`load_model`):
       plus `arch="module:callable"` that builds the model;
   (d) `module:callable` alone (the callable returns the model);
   (e) a moeify output directory (moeify.json), rebuilt with `moeify.load`.
+`moeify.io.loader.load_model` picks the case; this module holds the loaders of (a)-(d), and moeify.io.recipe
+the one of (e).
 
 Each loader also returns a JSON-able *source* record saying how to rebuild the (dense) model without its
 weights; `moeify.save` writes it into the recipe so `moeify.load` can rebuild the structure.
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeify.deprecation import moved
 from moeify.errors import MoeifyError
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -277,31 +280,13 @@ def rebuild_hf(source: dict) -> nn.Module:
     return model.eval()
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- model files
 
-def load_model(spec: str, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
-    """Load what the user named; MoeifyError (one line: what is wrong, what to do) when it cannot."""
-    path = Path(spec)
-    if arch is not None and not is_callable_spec(arch):
-        raise MoeifyError(f"--arch {arch!r} is not of the form module:callable (e.g. mypkg.models:build)")
-    if not path.exists():
-        if is_callable_spec(spec):
-            if arch is not None:
-                raise MoeifyError("--arch is for a weights file; with module:callable the callable builds "
-                                  "the model itself")
-            model = call_spec(spec)
-            return LoadedModel(model, {"kind": "callable", "target": spec}, spec, None)
-        raise MoeifyError(f"no such file or directory: {spec}")
-    if path.is_dir():
-        if (path / RECIPE_NAME).exists():
-            from moeify.io.recipe import load
-
-            model = load(path, trust_pickle=trust_pickle)
-            return LoadedModel(model, known_source(model) or {"kind": "unknown"}, spec, path)
-        if (path / "config.json").exists():
-            return load_hf_dir(path)
-        raise MoeifyError(f"{spec} is a directory without config.json (Hugging Face) or {RECIPE_NAME} "
-                          "(moeify); point at a model directory or a weights file")
+def load_file(path: Path, spec: str | None = None, arch: str | None = None,
+              trust_pickle: bool = False) -> LoadedModel:
+    """A model file (cases a and c of the module docstring); `spec` is what the user typed, for messages.
+    The entry point over every case, directories included, is `moeify.io.load_model`."""
+    spec = str(path) if spec is None else spec
     if path.suffix == ".safetensors":
         return _with_arch(path, read_state_dict(path), arch, spec)
     if path.suffix not in STATE_DICT_SUFFIXES:
@@ -348,3 +333,6 @@ def _load_pickle(path: Path, spec: str) -> LoadedModel:
         kind = "a state_dict (pass --arch)" if sd is not None else f"a {type(obj).__name__}"
         raise MoeifyError(f"{spec} holds {kind}, not a torch.nn.Module")
     return LoadedModel(obj.eval(), _pickle_source(path), spec, path)
+
+
+__getattr__ = moved(__name__, {"load_model": "moeify.io.loader:load_model"})

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moeify.routers.base import ORT_MOE
+
 # moeify (activation, gated) -> ORT activation_type
 ORT_ACTIVATIONS: dict[tuple[str, bool], str] = {
     ("relu", False): "relu",
@@ -57,15 +59,14 @@ class FusedPlan:
 
 def fused_plan(layer) -> FusedPlan:
     """Whether `layer` (an MoELayer, eval mode) can lower to com.microsoft.MoE, with the reason."""
-    from moeify.routers.topk import TopKRouter
-
     cfg = layer.config
 
     def no(reason: str) -> FusedPlan:
         return FusedPlan(False, "moeify.GroupedFFN", reason)
 
-    if type(layer.router) is not TopKRouter:
-        return FusedPlan(False, "moeify.GroupedFFN", f"router {layer.router.name!r} is not fused top-k")
+    if ORT_MOE not in layer.router.caps.lowerings:
+        return no(f"router {layer.router.name!r} with this config is not com.microsoft.MoE's top-k "
+                  f"(it lowers to {', '.join(layer.router.caps.lowerings)})")
     if layer.router.training and cfg.jitter_noise > 0:
         return no("router jitter noise is on (training mode)")
     if cfg.capacity_factor is not None:

@@ -1,7 +1,6 @@
-"""Errors of expert parallelism."""
+"""Errors of expert parallelism: `ParallelError`, defined in `moeify.errors` with moeify's other errors and
+re-exported here (the same class)."""
 
-from moeify.errors import MoeifyError
+from moeify.errors import ParallelError
 
-
-class ParallelError(MoeifyError, ValueError):
-    """Expert parallelism cannot be set up as asked; the message says why and what to do."""
+__all__ = ["ParallelError"]

@@ -19,10 +19,6 @@ from moeify.parallel.errors import ParallelError
 from moeify.parallel.expert import EXPERT_PARAMS, ExpertParallel, check_divisible
 from moeify.parallel.group import resolve_group
 
-# Routers whose routing is soft (dense dispatch over all experts' slots): every expert sees every token,
-# so sharding experts would need a different exchange; refused for now.
-SOFT_ROUTERS = ("soft",)
-
 
 def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from moeify.layer import MoELayer
@@ -59,9 +55,12 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0,
         raise ParallelError("the model has no MoELayer to shard; convert it to MoE first")
     for name, layer in layers:  # validate everything before changing anything
         check_divisible(layer.num_experts, world, f"layer {name or '<root>'!r}")
-        if layer.config.router in SOFT_ROUTERS:
-            raise ParallelError(f"layer {name or '<root>'!r} uses the soft router, whose experts see "
-                                "every token; expert parallelism supports sparse routers (topk, ...)")
+        # A soft routing dispatches every token to every expert's slots: sharding the experts would need a
+        # different exchange than the sparse all-to-all, so it is refused for now.
+        if layer.router.caps.soft:
+            raise ParallelError(f"layer {name or '<root>'!r} uses the soft router {layer.router.name!r}, "
+                                "whose experts see every token; expert parallelism supports sparse routers "
+                                "(topk, ...)")
         if isinstance(layer.w1, DTensor):
             raise ParallelError(f"layer {name or '<root>'!r} is already sharded")
     device_type = layers[0][1].w1.device.type

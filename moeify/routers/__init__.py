@@ -8,16 +8,21 @@
 | soft           | soft slots    | Puigcerver et al. 2023 (Soft MoE)       |
 | random         | stochastic    | Zuo et al. 2022 (THOR)                  |
 | balanced       | assignment    | Lewis et al. 2021 (BASE), Sinkhorn      |
+
+A router written anywhere else subclasses `Router`, declares what it can do (its class attributes, or
+`capabilities` / `preserves_dense`), and registers with `@register_router("name")`: convert, training,
+save/load and export then take it by name like the built-in ones.
 """
 
 from moeify.routers import balanced, expert_choice, hash, random, soft, topk  # noqa: F401  (registers)
-from moeify.routers.base import Router, RouterCapabilities
-from moeify.routers.registry import ROUTERS, register_router
+from moeify.routers.base import GROUPED_FFN, ORT_MOE, SOFT_EXPERTS, Router, RouterCapabilities
+from moeify.routers.registry import ROUTERS, register_router, router_class, unregister_router
 
 
 def build_router(config) -> Router:
     """The router named by `config.router`, built for `config`."""
-    return ROUTERS[config.router](config)
+    return router_class(config.router)(config)
 
 
-__all__ = ["ROUTERS", "Router", "RouterCapabilities", "build_router", "register_router"]
+__all__ = ["GROUPED_FFN", "ORT_MOE", "ROUTERS", "SOFT_EXPERTS", "Router", "RouterCapabilities",
+           "build_router", "register_router", "router_class", "unregister_router"]

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from moeify.losses import router_z_loss
-from moeify.config import MoEConfig
 from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
+
+if TYPE_CHECKING:  # annotations only: moeify.config imports this package to check router names
+    from moeify.config import MoEConfig
 
 Tensor = torch.Tensor
 

@@ -8,12 +8,15 @@ object: no global state. One router instance may be shared by several layers (Om
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from moeify.config import MoEConfig
 from moeify.routing import Routing
+
+if TYPE_CHECKING:  # annotations only: moeify.config imports this package to check router names
+    from moeify.config import MoEConfig
 
 Tensor = torch.Tensor
 
@@ -37,10 +40,17 @@ class RouterCapabilities:
             convert wires the model's input_ids to such layers.
         soft: returns a `SoftRouting` (every expert sees a mix of all tokens), not a sparse assignment.
         mixes_tokens: one token's route depends on other tokens of the forward; refused in causal decoders.
-        active_experts: experts one token runs, on average (for the active-parameter count).
+        active_experts: experts one token runs at inference (eval mode), on average, counting choices a
+            capacity limit may drop (for the active-parameter count).
         lowerings: the ONNX ops that can express the router's layer, in order of preference, of
             ORT_MOE, GROUPED_FFN and SOFT_EXPERTS; an op's own file still checks what is not the router's
             business (activation, installed runtime).
+
+    Claiming ORT_MOE says what the routing *is*, not only that it can be lowered: each token takes the top
+    `config.k` of `config.score_fn` over `compute_logits(x)` [T, E], renormalised when `config.normalize`,
+    nothing dropped (what `moeify.lowering.ops.topk_moe` computes; the export feeds it the logits, not the
+    router's forward). Hugging Face's MoE checkpoints (Mixtral, Qwen-MoE) route the same way from a linear
+    gate, so `moeify.io.hf_export` asks for ORT_MOE as well (with `learned` and softmax scores).
     """
 
     learned: bool
@@ -78,7 +88,8 @@ class Router(nn.Module):
     @classmethod
     def preserves_dense(cls, upcycle, config: MoEConfig) -> bool:
         """True when experts filled by `upcycle` (an `UpcycleConfig`) reproduce the dense FFN exactly at
-        init under this router and `config`. Default: no claim."""
+        init (eval mode) under this router and `config`. `moeify.upcycle.preserves` asks this, and the
+        tests hold every claim to it. Default: no claim."""
         return False
 
     @property

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from moeify.losses import router_z_loss
-from moeify.config import MoEConfig
 from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
+
+if TYPE_CHECKING:  # annotations only: moeify.config imports this package to check router names
+    from moeify.config import MoEConfig
 
 Tensor = torch.Tensor
 
@@ -38,8 +41,8 @@ class ExpertChoiceRouter(Router):
 
     @classmethod
     def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
-        # E experts x C = cf*T*k/E tokens each: cf*k experts per token on average
-        active = min(config.num_experts, max(1, round(config.k * (config.capacity_factor or 1.0))))
+        # E experts x C = ceil(cf*T*k/E) tokens each: cf*k experts per token on average (C is capped at T)
+        active = min(config.num_experts, config.k * (config.capacity_factor or 1.0))
         return dataclasses.replace(super().capabilities(config), active_experts=float(active))
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:

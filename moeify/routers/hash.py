@@ -11,13 +11,17 @@ alone, so the router is causal-safe. `capacity_factor` is not used: nothing is d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from moeify.config import MoEConfig
 from moeify.routers.base import Router
 from moeify.routers.hashing import TokenHash
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
+
+if TYPE_CHECKING:  # annotations only: moeify.config imports this package to check router names
+    from moeify.config import MoEConfig
 
 Tensor = torch.Tensor
 
@@ -38,6 +42,11 @@ class HashRouter(Router):
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         self.hash = TokenHash(config)
+
+    @classmethod
+    def preserves_dense(cls, upcycle, config: MoEConfig) -> bool:
+        """Copies are exact: whichever K experts a token gets, their weights 1/K sum to 1."""
+        return upcycle.copies_dense
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         experts, scores = self.hash(x, token_ids, self.config.k)  # [T, K], [T, E]

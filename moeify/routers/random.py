@@ -15,14 +15,19 @@ router is causal-safe.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 
-from moeify.config import MoEConfig
-from moeify.routers.base import Router
+from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.hash import fixed_routing
 from moeify.routers.hashing import TokenHash
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
+
+if TYPE_CHECKING:  # annotations only: moeify.config imports this package to check router names
+    from moeify.config import MoEConfig
 
 Tensor = torch.Tensor
 
@@ -30,12 +35,24 @@ Tensor = torch.Tensor
 @register_router("random")
 class RandomRouter(Router):
     learned = False
-    reads_token_ids = True  # at inference, with random_eval_rule="hash"
+
+    @classmethod
+    def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
+        # at inference: the hash rule reads the token ids and runs k experts; "mean" runs all E
+        hashing = config.random_eval_rule == "hash"
+        return dataclasses.replace(super().capabilities(config), reads_token_ids=hashing,
+                                   active_experts=float(config.k if hashing else config.num_experts))
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         # Built whatever the rule, so a checkpoint loads whichever rule the config asks for at inference.
         self.hash = TokenHash(config)
+
+    @classmethod
+    def preserves_dense(cls, upcycle, config: MoEConfig) -> bool:
+        """Copies are exact under every rule: K experts of weight 1/K (training, "hash") or all E of weight
+        1/E ("mean") sum to 1."""
+        return upcycle.copies_dense
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         T, E, K = x.shape[0], self.num_experts, self.config.k

@@ -1,7 +1,9 @@
 """Router registry: names -> router classes. Registering a name twice is an error, never a silent
-overwrite."""
+overwrite; `unregister_router` takes a name back (for a router that only lives as long as a test)."""
 
 from __future__ import annotations
+
+from moeify.errors import ConfigError
 
 ROUTERS: dict[str, type] = {}
 
@@ -17,3 +19,17 @@ def register_router(name: str):
         return cls
 
     return add
+
+
+def unregister_router(name: str) -> type:
+    """Remove `name` from the registry and return its class; KeyError when it is not registered."""
+    if name not in ROUTERS:
+        raise KeyError(f"no router named {name!r} is registered")
+    return ROUTERS.pop(name)
+
+
+def router_class(name: str) -> type:
+    """The router class registered as `name`; ConfigError listing the registered names when there is none."""
+    if not isinstance(name, str) or name not in ROUTERS:
+        raise ConfigError(f"unknown router {name!r}; valid: {', '.join(sorted(ROUTERS))}")
+    return ROUTERS[name]

@@ -18,14 +18,17 @@ softmax) when `z_loss_coef > 0`. The paper's optional L2 normalisation of x and 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
-from moeify.config import MoEConfig
 from moeify.losses import router_z_loss
 from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import register_router
 from moeify.routing import SoftRouting
+
+if TYPE_CHECKING:  # annotations only: moeify.config imports this package to check router names
+    from moeify.config import MoEConfig
 
 Tensor = torch.Tensor
 

@@ -6,15 +6,18 @@ Shape legend: T tokens, E experts, K = config.k.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
-from moeify.config import MoEConfig
 from moeify.losses import load_balance_loss, router_z_loss
 from moeify.routers.base import GROUPED_FFN, ORT_MOE, Router, RouterCapabilities
 from moeify.routers.capacity import drop_over_capacity, expert_capacity
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
+
+if TYPE_CHECKING:  # annotations only: moeify.config imports this package to check router names
+    from moeify.config import MoEConfig
 
 Tensor = torch.Tensor
 
@@ -69,6 +72,30 @@ class TopKRouter(Router):
         fused = dropless and (config.score_fn == "softmax" or config.normalize)
         return dataclasses.replace(super().capabilities(config), mixes_tokens=not dropless,
                                    lowerings=(ORT_MOE, GROUPED_FFN) if fused else (GROUPED_FFN,))
+
+    @classmethod
+    def preserves_dense(cls, upcycle, config: MoEConfig) -> bool:
+        """The claims of `moeify.upcycle.PRESERVATION` (which states them in words). Without a capacity limit
+        only: a dropped assignment contributes nothing."""
+        k, E = config.k, config.num_experts
+        if config.capacity_factor is not None:
+            return False
+        if upcycle.copies_dense:
+            # output = (sum of the selected weights) * dense(x)
+            return config.normalize or (config.score_fn == "softmax" and k == E)
+        router_init = upcycle.resolved_router_init
+        if upcycle.init == "split":
+            # every expert must be selected with the same weight g0: all of them, under tied logits
+            return k == E and router_init == "zeros"
+        if upcycle.init == "granular":
+            # the selection must be whole virtual groups and the selected weights must sum to g0 * k
+            G = upcycle.granularity
+            if E % G or k % G:
+                return False
+            if config.normalize:
+                return k == E or router_init in ("random", "kmeans")
+            return k == E and (config.score_fn == "softmax" or router_init == "zeros")
+        return False  # none; noise or drop that perturbs the copies
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         cfg = self.config

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeify.errors import UpcycleError
 from moeify.upcycle.config import DenseFFNWeights
 
 Tensor = torch.Tensor
@@ -54,8 +55,6 @@ def make_generator(seed: int, key: int | str, stream: str) -> torch.Generator:
 def flatten_calibration(calibration: Tensor, d_model: int, gen: torch.Generator,
                         max_tokens: int = MAX_CALIBRATION_TOKENS) -> Tensor:
     """[..., D] -> float32 [N, D], N <= max_tokens (a seeded subset when more), on the input's device."""
-    from moeify.upcycle.config import UpcycleError
-
     if not isinstance(calibration, torch.Tensor) or calibration.shape[-1] != d_model:
         shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration)
         raise UpcycleError(f"calibration must be a tensor of FFN inputs [..., {d_model}], got {shape}")

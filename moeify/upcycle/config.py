@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeify.config import ConfigError
-from moeify.errors import MoeifyError
+from moeify.errors import ConfigError, UpcycleError
 from moeify.json_config import JsonConfig
 
 Tensor = torch.Tensor
@@ -21,10 +20,6 @@ INITS = ("copy", "noise", "drop", "split", "granular", "none")
 SPLIT_METHODS = ("random", "cluster")
 ROUTER_INITS = ("random", "zeros", "kmeans")
 UPCYCLE_CONFIG_VERSION = 1
-
-
-class UpcycleError(MoeifyError, ValueError):
-    """The dense FFN, the MoE layer and the upcycling config do not fit together; the message says how."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +149,13 @@ class UpcycleConfig(JsonConfig):
             need(value == default or self.init == owner,
                  f"{name}={value!r} is only used by init={owner!r}, not init={self.init!r}; "
                  f"drop it or use init={owner!r}")
+
+    @property
+    def copies_dense(self) -> bool:
+        """Every expert starts as an exact copy of the dense FFN: copy, or noise / drop with nothing
+        perturbed (noise_std=0, drop_rate=0)."""
+        return (self.init == "copy" or self.init == "noise" and self.noise_std == 0
+                or self.init == "drop" and self.drop_rate == 0)
 
     @property
     def resolved_router_init(self) -> str:

@@ -2,20 +2,25 @@
 
 "Exact" means: for every input, every activation, gated or not, with or without biases, the upcycled
 MoELayer's output equals the dense FFN's up to float rounding (the tests hold it to relative error 1e-5).
-All claims assume the token-choice "topk" router without a capacity limit (capacity_factor=None: a dropped
-assignment contributes nothing) and cover shared experts, whose output projection upcycling zeroes.
-Other routers are not claimed (False).
+Claims cover shared experts, whose output projection upcycling zeroes.
 
-`PRESERVATION` is the human-readable table (README, docs); `preserves(...)` the decision procedure the
-table states; `preserves_config(upcycle, moe)` the same for two configs.
+Each router class makes its own claim (`Router.preserves_dense(upcycle, moe_config)`): `topk` the ones
+`PRESERVATION` states (without a capacity limit: a dropped assignment contributes nothing), `hash` and
+`random` exact copies (weights 1/k on k copies sum to 1), the others none. `preserves(...)` and
+`preserves_config(upcycle, moe)` ask the router class.
+
+`PRESERVATION` is the human-readable table (README, docs).
 """
 
 from __future__ import annotations
 
+from moeify.config import MoEConfig
+from moeify.routers import router_class
 from moeify.upcycle.config import INITS, UpcycleConfig
 
 PRESERVATION: dict[str, str] = {
-    "copy": "yes, with normalize=True (any k, score_fn, router_init), or softmax scores with k = E",
+    "copy": ("yes, with normalize=True (any k, score_fn, router_init), or softmax scores with k = E; "
+             "under hash and random always (weights 1/k)"),
     "noise": "no (weights move by noise_std relative to their std; noise_std=0 is copy)",
     "drop": "no (round(drop_rate*H) neurons re-drawn per expert; drop_rate=0 is copy)",
     "split": "yes, with k = E and router_init='zeros' (split's default); any score_fn, normalize",
@@ -25,9 +30,8 @@ PRESERVATION: dict[str, str] = {
     "none": "not applicable (weights left as they are)",
 }
 
-
-def _default_router_init(init: str) -> str:
-    return UpcycleConfig(init=init).resolved_router_init
+# Option of UpcycleConfig -> the one init that reads it (the config refuses it for the others).
+_OWN_OPTION = {"noise_std": "noise", "drop_rate": "drop", "granularity": "granular"}
 
 
 def preserves(init: str | UpcycleConfig, router: str = "topk", k: int = 2, num_experts: int = 8,
@@ -39,37 +43,19 @@ def preserves(init: str | UpcycleConfig, router: str = "topk", k: int = 2, num_e
     `init` may be an `UpcycleConfig`; its router_init, granularity, noise_std and drop_rate then override
     the keyword arguments. router_init None means the strategy's default ("zeros" for split, else random).
     """
-    if isinstance(init, UpcycleConfig):
-        cfg = init
-        init, router_init = cfg.init, cfg.resolved_router_init
-        granularity, noise_std, drop_rate = cfg.granularity, cfg.noise_std, cfg.drop_rate
-    if init not in INITS:
-        raise ValueError(f"unknown upcycling init {init!r}; valid: {', '.join(INITS)}")
-    if router_init is None:
-        router_init = _default_router_init(init)
-    E = num_experts
-    if init == "none" or router != "topk" or capacity_factor is not None or not 1 <= k <= E:
+    if not isinstance(init, UpcycleConfig):
+        if init not in INITS:
+            raise ValueError(f"unknown upcycling init {init!r}; valid: {', '.join(INITS)}")
+        options = {"noise_std": noise_std, "drop_rate": drop_rate, "granularity": granularity}
+        init = UpcycleConfig(init=init, router_init=router_init,
+                             **{name: v for name, v in options.items() if _OWN_OPTION[name] == init})
+    if not 1 <= k <= num_experts:
         return False
-    if init == "noise" and noise_std != 0 or init == "drop" and drop_rate != 0:
-        return False
-    if init in ("copy", "noise", "drop"):
-        # output = (sum of the selected weights) * dense(x)
-        return normalize or (score_fn == "softmax" and k == E)
-    if init == "split":
-        # every expert must be selected with the same weight g0: all of them, under tied logits
-        return k == E and router_init == "zeros"
-    # granular: the selection must be whole virtual groups and the selected weights must sum to g0 * k
-    G = granularity
-    if E % G or k % G:
-        return False
-    if normalize:
-        return k == E or router_init in ("random", "kmeans")
-    if k != E:
-        return False
-    return score_fn == "softmax" or router_init == "zeros"
+    moe = MoEConfig(d_model=1, d_ff=1, num_experts=num_experts, k=k, router=router, normalize=normalize,
+                    score_fn=score_fn, capacity_factor=capacity_factor)
+    return preserves_config(init, moe)
 
 
-def preserves_config(upcycle: UpcycleConfig, moe) -> bool:
-    """`preserves` for an `UpcycleConfig` and the `MoEConfig` of the layer it fills."""
-    return preserves(upcycle, moe.router, moe.k, moe.num_experts, moe.normalize, score_fn=moe.score_fn,
-                     capacity_factor=moe.capacity_factor)
+def preserves_config(upcycle: UpcycleConfig, moe: MoEConfig) -> bool:
+    """`preserves` for an `UpcycleConfig` and the `MoEConfig` of the layer it fills: the router's claim."""
+    return router_class(moe.router).preserves_dense(upcycle, moe)

@@ -221,6 +221,20 @@ def check_not_divisible(rank: int) -> None:
     raise AssertionError("no error for 3 experts on 2 ranks")
 
 
+def check_soft_refused(rank: int) -> None:
+    """A soft router (its capabilities say so) is refused: every expert sees every token."""
+    from moeify.parallel import ParallelError, parallelize
+
+    layer = moeify.MoELayer(moeify.MoEConfig(d_model=D, d_ff=8, num_experts=4, router="soft"))
+    try:
+        parallelize(nn.Sequential(layer))
+    except ParallelError as e:
+        if "soft router 'soft'" not in str(e):
+            raise AssertionError(f"unclear message: {e}") from e
+        return
+    raise AssertionError("no error for a soft router")
+
+
 def worker(rank: int, outdir: Path) -> None:
     import datetime
 
@@ -243,6 +257,7 @@ def worker(rank: int, outdir: Path) -> None:
         "checkpoint_save": lambda: check_checkpoint_save(rank, outdir),
         "checkpoint_load": lambda: check_checkpoint_load(rank, outdir),
         "not_divisible": lambda: check_not_divisible(rank),
+        "soft_refused": lambda: check_soft_refused(rank),
     }
     results = {}
     for name, fn in checks.items():
@@ -346,6 +361,10 @@ def test_checkpoint_one_process_to_two_ranks(ep_run):
 
 def test_not_divisible_clear_error(ep_run):
     _verdict(ep_run, "not_divisible")
+
+
+def test_soft_router_refused(ep_run):
+    _verdict(ep_run, "soft_refused")
 
 
 def test_parallelize_needs_process_group():

@@ -155,7 +155,9 @@ def test_preserves_table_and_function():
     assert not preserves("copy", "topk", 2, 8, False)
     assert preserves("copy", "topk", 8, 8, False)
     assert not preserves("copy", "topk", 2, 8, True, capacity_factor=1.25)  # drops break it
-    assert not preserves("copy", "hash", 1, 8, True)  # not claimed for other routers
+    assert preserves("copy", "hash", 1, 8, True) and preserves("copy", "random", 3, 8, False)  # weights 1/k
+    assert not preserves("split", "hash", 8, 8, True)  # claimed by topk only
+    assert not preserves("copy", "expert_choice", 2, 8, True)  # a token may get no expert
     assert preserves("split", "topk", 8, 8, True)  # router_init defaults to zeros for split
     assert not preserves("split", "topk", 8, 8, True, router_init="random")
     assert not preserves("split", "topk", 2, 8, True)
