@@ -26,8 +26,7 @@ computation when the upcycling init claims so. tests/passes/test_pass_promises.p
 `PASSES` to its declaration.
 """
 
-from moeify.passes.activation import activation_module
-from moeify.passes.analyse import Analyse, Analysis, Site, analyse
+from moeify.passes.analyse import Analyse, Analysis, Site, activation_module, analyse
 from moeify.passes.base import Pass, PassFailed, PassResult, PassRunner
 from moeify.passes.calibrate import Calibrate, CalibrateResult
 from moeify.passes.capture import Capture, CaptureResult, capture

@@ -21,6 +21,7 @@ from torch import fx, nn
 from moeify.activations import CUSTOM
 from moeify.passes import elementwise, metadata
 from moeify.passes.atoms import activation_of, pass_through_kind
+from moeify.passes.linear import linear_ref, skip_back
 
 _MAX_HOPS = 6  # how far back a blocked path is followed to see whether it would have reached a projection
 
@@ -57,15 +58,11 @@ class Activation:
 
 
 def _linear(node: fx.Node, cap) -> bool:
-    from moeify.passes.rules.common import linear_ref
-
     return linear_ref(node, cap) is not None
 
 
 def _entry(node: fx.Node, cap) -> tuple[fx.Node, list[fx.Node]] | None:
     """A linear-like node, or pass-throughs (casts, dropouts) down from one: (the linear, the passes)."""
-    from moeify.passes.rules.common import skip_back
-
     start, walked = skip_back(node, cap)
     if start is not None and _linear(start, cap):
         return start, list(reversed(walked))
@@ -132,8 +129,6 @@ def find(end: fx.Node | None, cap, entry_of=_entry, width: int | None = None) ->
 
 
 def _width(entry: fx.Node, cap) -> int:
-    from moeify.passes.rules.common import linear_ref
-
     return linear_ref(entry, cap).out_features
 
 
@@ -232,20 +227,11 @@ def _mapped(value, env):
     return fx.node.map_arg(value, lambda n: env[n])
 
 
-def activation_module(site, match=None) -> nn.Module:
+def activation_module(site) -> nn.Module:
     """An nn.Module computing the activation of a found FFN exactly: what `MoELayer(config, activation=...)`
-    takes when `site.match.activation == "custom"`. Call it before the model is rewritten; the module
-    shares nothing with the model.
-
-    `activation_module(site)` with a Site of `moeify.passes.analyse(model)` (convert has them), or
-    `activation_module(model, match)` with an FFNMatch of `moeify.find_ffns(model)` (analyses again)."""
-    if match is not None:
-        from moeify.passes.analyse import analyse
-
-        found = [s for s in analyse(site).sites if s.match.name == match.name]
-        if not found:
-            raise ValueError(f"no FFN named {match.name!r} in this model; pass a match of find_ffns(model)")
-        site = found[0]
+    takes when `site.match.activation == "custom"`. `site` is a Site of `moeify.passes.analyse(model)`
+    (convert has them); call it before the model is rewritten: the module shares nothing with the model.
+    `moeify.passes.activation_module(model, match)` takes an FFNMatch of `find_ffns(model)` instead."""
     act = site.cand.act_found
     if act is None:
         raise ValueError(f"{site.match.name}: no activation recorded")

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from moeify.passes import plan
+from moeify.passes import activation, plan
 from moeify.passes.atoms import is_activation_module, is_linear_module
 from moeify.passes.capture import Captured, CaptureResult, capture
 from moeify.passes.match import FFNMatch, Rejection
@@ -226,3 +226,16 @@ def _name_uniquely(sites: list[Site]) -> list[Site]:
             site = replace(site, match=replace(site.match, name=f"{site.match.name}#{n}"))
         out.append(site)
     return out
+
+
+def activation_module(site_or_model, match: FFNMatch | None = None) -> nn.Module:
+    """An nn.Module computing a found FFN's activation exactly (see `moeify.passes.activation`):
+    `activation_module(site)` for a Site of `analyse(model)`, or `activation_module(model, match)` for an
+    FFNMatch of `find_ffns(model)` (analyses the model again)."""
+    if match is None:
+        return activation.activation_module(site_or_model)
+    found = [s for s in analyse(site_or_model).sites if s.match.name == match.name]
+    if not found:
+        raise ValueError(f"no FFN named {match.name!r} in this model; pass a match of find_ffns(model)")
+    return activation.activation_module(found[0])
+
