@@ -11,10 +11,8 @@ line (the group prints it and exits 1).
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import click
@@ -98,26 +96,10 @@ def load_model_ref(spec: str, arch: str | None = None, trust_pickle: bool = Fals
     """
     from torch import nn
 
-    if ":" in spec and not Path(spec).exists():
-        module_name, _, attr = spec.partition(":")
-        sys.path.insert(0, str(Path.cwd()))
-        try:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as e:
-                raise MoeifyError(f"cannot import module {module_name!r} from {spec!r}: {e}") from e
-        finally:
-            sys.path.pop(0)
-        fn = getattr(module, attr, None)
-        if fn is None or not callable(fn):
-            raise MoeifyError(f"{module_name!r} has no callable {attr!r}")
-        try:
-            made = fn()
-        except MoeifyError:
-            raise
-        except Exception as e:  # the user's builder failed: say so in one line (--debug shows more)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MoeifyError(f"calling {spec} failed: {type(e).__name__}: {first}") from e
+    from moeify.io.sources import call_builder, is_callable_spec
+
+    if is_callable_spec(spec):
+        made = call_builder(spec)
     else:
         try:
             from moeify.io import load_model
