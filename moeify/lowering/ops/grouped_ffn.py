@@ -29,28 +29,12 @@ import torch
 from onnx.defs import OpSchema
 
 import moeify.dispatch.ops  # noqa: F401  (registers torch.ops.moeify.grouped_ffn)
+from moeify.lowering.ops import portable
 from moeify.lowering.ops.base import Lowering
-from moeify.lowering.ops.portable import (
-    DOMAIN,
-    FLOATS,
-    VERSION,
-    Builder,
-    expert_attrs,
-    expert_weights,
-    experts_body,
-    function,
-    inputs,
-    named_activation_problem,
-    overload_name,
-    param,
-)
 from moeify.routers.base import GROUPED_FFN
 
 Tensor = torch.Tensor
 
-
-def eligible(layer, target: str) -> str | None:
-    return named_activation_problem(layer)
 
 
 def experts(layer, x: Tensor, routing) -> Tensor:
@@ -61,32 +45,32 @@ def experts(layer, x: Tensor, routing) -> Tensor:
 
 
 def translate(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation: str, gated: bool):
-    moe_ops = onnxscript.values.Opset(DOMAIN, VERSION)
+    moe_ops = onnxscript.values.Opset(portable.DOMAIN, portable.VERSION)
     return moe_ops.GroupedFFN(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation=activation,
                               gated=int(gated))
 
 
 def schema() -> OpSchema:
     return OpSchema(
-        "GroupedFFN", DOMAIN, VERSION,
+        "GroupedFFN", portable.DOMAIN, portable.VERSION,
         "Sparse MoE dispatch over a flat list of (token, expert, weight) assignments; see moeify docs.",
         inputs=[
-            param("x", "T", "[T, D] tokens"),
-            param("token_idx", "I", "[N] token of each assignment"),
-            param("expert_idx", "I", "[N] expert of each assignment (E = dropped)"),
-            param("weight", "T", "[N] combine weight of each assignment"),
-            *expert_weights(),
+            portable.param("x", "T", "[T, D] tokens"),
+            portable.param("token_idx", "I", "[N] token of each assignment"),
+            portable.param("expert_idx", "I", "[N] expert of each assignment (E = dropped)"),
+            portable.param("weight", "T", "[N] combine weight of each assignment"),
+            *portable.expert_weights(),
         ],
-        outputs=[param("y", "T", "[T, D]")],
-        type_constraints=[("T", FLOATS, "float tensors"), ("I", ["tensor(int64)"], "indices")],
-        attributes=expert_attrs(),
+        outputs=[portable.param("y", "T", "[T, D]")],
+        type_constraints=[("T", portable.FLOATS, "float tensors"), ("I", ["tensor(int64)"], "indices")],
+        attributes=portable.expert_attrs(),
     )
 
 
 def body(activation: str, gated: bool, has_b1: bool, has_b2: bool, opset: int) -> ir.Function:
     """The standard-op body of moeify.GroupedFFN for one (activation, gated, biases) variant."""
-    b = Builder()
-    formal = inputs("x", "token_idx", "expert_idx", "weight", "w1", "b1", "w2", "b2")
+    b = portable.Builder()
+    formal = portable.inputs("x", "token_idx", "expert_idx", "weight", "w1", "b1", "w2", "b2")
     x, token_idx, expert_idx, weight, w1, b1, w2, b2 = formal
     E = b("Shape", w1, start=0, end=1)  # [1]
     D = b("Shape", x, start=1, end=2)  # [1]
@@ -104,7 +88,8 @@ def body(activation: str, gated: bool, has_b1: bool, has_b2: bool, opset: int) -
     where = b("Concat", b("Unsqueeze", exp, b.ints([1])), b("Unsqueeze", slot, b.ints([1])), axis=1)  # [M, 2]
     buffer = b.zeros_like_shape(b("Concat", E, capacity, D, axis=0), x)  # [E, C, D]
     buffer = b("ScatterND", buffer, where, b("Gather", x, tok, axis=0))  # [E, C, D]
-    y = experts_body(b, buffer, w1, b1 if has_b1 else None, w2, b2 if has_b2 else None, activation, gated)
+    y = portable.experts_body(b, buffer, w1, b1 if has_b1 else None, w2, b2 if has_b2 else None, activation,
+                              gated)
     rows = b("Mul", b("GatherND", y, where), b("Unsqueeze", b("CastLike", wgt, x), b.ints([1])))  # [M, D]
     # Sum the k contributions of each token in float32: exact enough, and ONNX Runtime's CPU ScatterND has
     # no float16 'add'.
@@ -112,12 +97,13 @@ def body(activation: str, gated: bool, has_b1: bool, has_b2: bool, opset: int) -
     out = b("ScatterND", b("ConstantOfShape", b("Shape", x)), b("Unsqueeze", tok, b.ints([1])), rows,
             reduction="add")  # [T, D] float32
     out = b("CastLike", out, x)
-    return function("GroupedFFN", overload_name(activation, gated, has_b1, has_b2), formal, out, b, opset)
+    overload = portable.overload_name(activation, gated, has_b1, has_b2)
+    return portable.function("GroupedFFN", overload, formal, out, b, opset)
 
 
 LOWERING = Lowering(
     name=GROUPED_FFN,
-    eligible=eligible,
+    eligible=portable.named_activation_only,
     experts=experts,
     translations=lambda: {torch.ops.moeify.grouped_ffn.default: translate},
     schema=schema,

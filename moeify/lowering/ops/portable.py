@@ -115,8 +115,9 @@ ONNX_ACTIVATIONS: dict[str, Callable[[Builder, ir.Value], ir.Value]] = {
 }
 
 
-def named_activation_problem(layer) -> str | None:
-    """Why a moeify op cannot carry `layer`'s activation (its attribute is a name), or None."""
+def named_activation_only(layer, target: str) -> str | None:
+    """The eligibility check of moeify's ops (any target): why the op cannot carry `layer`'s activation (its
+    attribute is a name), or None."""
     if layer.activation is not None:
         return (f"the activation is a module ({type(layer.activation).__name__}), not one of the named "
                 f"activations the op's attribute can carry ({', '.join(ONNX_ACTIVATIONS)})")

@@ -17,21 +17,8 @@ import torch
 from onnx.defs import OpSchema
 
 from moeify.dispatch.reference import reference_soft_experts
+from moeify.lowering.ops import portable
 from moeify.lowering.ops.base import Lowering
-from moeify.lowering.ops.portable import (
-    DOMAIN,
-    FLOATS,
-    VERSION,
-    Builder,
-    expert_attrs,
-    expert_weights,
-    experts_body,
-    function,
-    inputs,
-    named_activation_problem,
-    overload_name,
-    param,
-)
 from moeify.routers.base import SOFT_EXPERTS
 
 Tensor = torch.Tensor
@@ -50,9 +37,6 @@ def _(x, dispatch, combine, w1, b1, w2, b2, activation, gated):
     return torch.empty_like(x)
 
 
-def eligible(layer, target: str) -> str | None:
-    return named_activation_problem(layer)
-
 
 def experts(layer, x: Tensor, routing) -> Tensor:
     """x [T, D], a SoftRouting -> [T, D] as one moeify::export_soft_experts."""
@@ -62,44 +46,46 @@ def experts(layer, x: Tensor, routing) -> Tensor:
 
 
 def translate(x, dispatch, combine, w1, b1, w2, b2, activation: str, gated: bool):
-    moe_ops = onnxscript.values.Opset(DOMAIN, VERSION)
+    moe_ops = onnxscript.values.Opset(portable.DOMAIN, portable.VERSION)
     return moe_ops.SoftExperts(x, dispatch, combine, w1, b1, w2, b2, activation=activation, gated=int(gated))
 
 
 def schema() -> OpSchema:
     return OpSchema(
-        "SoftExperts", DOMAIN, VERSION,
+        "SoftExperts", portable.DOMAIN, portable.VERSION,
         "Soft MoE: experts run on slots mixed from all tokens, outputs mixed back; see moeify docs.",
         inputs=[
-            param("x", "T", "[T, D] tokens"),
-            param("dispatch", "T", "[T, E*S] dispatch weights (columns sum to 1)"),
-            param("combine", "T", "[T, E*S] combine weights (rows sum to 1)"),
-            *expert_weights(),
+            portable.param("x", "T", "[T, D] tokens"),
+            portable.param("dispatch", "T", "[T, E*S] dispatch weights (columns sum to 1)"),
+            portable.param("combine", "T", "[T, E*S] combine weights (rows sum to 1)"),
+            *portable.expert_weights(),
         ],
-        outputs=[param("y", "T", "[T, D]")],
-        type_constraints=[("T", FLOATS, "float tensors")],
-        attributes=expert_attrs(),
+        outputs=[portable.param("y", "T", "[T, D]")],
+        type_constraints=[("T", portable.FLOATS, "float tensors")],
+        attributes=portable.expert_attrs(),
     )
 
 
 def body(activation: str, gated: bool, has_b1: bool, has_b2: bool, opset: int) -> ir.Function:
     """The standard-op body of moeify.SoftExperts for one variant."""
-    b = Builder()
-    formal = inputs("x", "dispatch", "combine", "w1", "b1", "w2", "b2")
+    b = portable.Builder()
+    formal = portable.inputs("x", "dispatch", "combine", "w1", "b1", "w2", "b2")
     x, dispatch, combine, w1, b1, w2, b2 = formal
     E = b("Shape", w1, start=0, end=1)  # [1]
     D = b("Shape", x, start=1, end=2)  # [1]
     slots = b("MatMul", b("Transpose", dispatch, perm=[1, 0]), x)  # [E*S, D]
     slots = b("Reshape", slots, b("Concat", E, b.ints([-1]), D, axis=0))  # [E, S, D]
-    y = experts_body(b, slots, w1, b1 if has_b1 else None, w2, b2 if has_b2 else None, activation, gated)
+    y = portable.experts_body(b, slots, w1, b1 if has_b1 else None, w2, b2 if has_b2 else None, activation,
+                              gated)
     y = b("Reshape", y, b("Concat", b.ints([-1]), D, axis=0))  # [E*S, D]
     out = b("MatMul", combine, y)  # [T, D]
-    return function("SoftExperts", overload_name(activation, gated, has_b1, has_b2), formal, out, b, opset)
+    overload = portable.overload_name(activation, gated, has_b1, has_b2)
+    return portable.function("SoftExperts", overload, formal, out, b, opset)
 
 
 LOWERING = Lowering(
     name=SOFT_EXPERTS,
-    eligible=eligible,
+    eligible=portable.named_activation_only,
     experts=experts,
     translations=lambda: {torch.ops.moeify.export_soft_experts.default: translate},
     schema=schema,
