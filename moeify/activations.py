@@ -9,6 +9,9 @@ for transformers' ReLUSquaredActivation), so experts copied from a dense FFN com
 Parametrised activations are named only at their defaults (nn.LeakyReLU(0.01), nn.ELU(1.0),
 nn.Softplus(1, 20)); any other elementwise activation is "custom": the experts carry a module computing it
 (see moeify.passes.activation_module).
+An expert activation may also be a module or function (`MoEConfig.activation == CUSTOM`, the callable given
+to `MoELayer(activation=...)`): it is applied elementwise, and the experts then run a pure-torch path with
+ordinary autograd (`moeify.dispatch.torch_path`), since the fast kernel knows activations by name.
 """
 
 from __future__ import annotations
@@ -145,6 +148,9 @@ CUSTOM = "custom"
 computing it (a copy of the dense model's own), not a function looked up in ACTIVATIONS."""
 
 
+Activation = str | Callable[[Tensor], Tensor]  # a name of ACTIVATIONS, or an elementwise callable
+
+
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[name][0]
 
@@ -153,10 +159,19 @@ def activation_grad(name: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[name][1]
 
 
-def apply_expert_activation(h: Tensor, activation: str, gated: bool) -> Tensor:
-    """h [N, H] (or [N, 2H] = [gate | up] when gated) -> activated hidden [N, H]."""
-    act = activation_fn(activation)
+def apply_expert_activation(h: Tensor, activation: Activation, gated: bool) -> Tensor:
+    """h [..., H] (or [..., 2H] = [gate | up] when gated) -> activated hidden [..., H].
+
+    A callable activation sees a 2-D [rows, H] view (so a module with per-channel parameters, such as
+    nn.PReLU(H), finds its channels on dim 1 whatever the leading dims are).
+    """
+    act = activation_fn(activation) if isinstance(activation, str) else _rows(activation)
     if not gated:
         return act(h)
     gate, up = h.chunk(2, dim=-1)
     return act(gate) * up
+
+
+def _rows(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """fn applied to a [rows, H] view of its input, reshaped back."""
+    return lambda h: fn(h.reshape(-1, h.shape[-1])).reshape(h.shape)

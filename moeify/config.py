@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from moeify.activations import ACTIVATIONS
+from moeify.activations import ACTIVATIONS, CUSTOM
 from moeify.errors import ConfigError
 from moeify.json_config import JsonConfig
 from moeify.routers import router_class
@@ -29,7 +29,8 @@ class MoEConfig(JsonConfig):
 
     Shapes: `d_model` is the model width D, `d_ff` the hidden width H of *each* expert.
     A gated expert computes `down(act(gate(x)) * up(x))` (SwiGLU when activation="silu",
-    GeGLU when activation="gelu"); a plain one `down(act(up(x)))`.
+    GeGLU when activation="gelu"); a plain one `down(act(up(x)))`. activation="custom": the layer is given
+    its activation as a module (`MoELayer(config, activation=module)`).
     """
 
     d_model: int
@@ -83,7 +84,7 @@ class MoEConfig(JsonConfig):
             f"k must satisfy 1 <= k <= num_experts ({self.num_experts}), got k={self.k!r}",
         )
         router_class(self.router)  # ConfigError naming the registered routers when unknown
-        one_of("activation", ACTIVATIONS)
+        one_of("activation", (*ACTIVATIONS, CUSTOM))
         for name in ("gated", "bias", "normalize"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")

@@ -18,12 +18,11 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from moeify.activations import CUSTOM
 from moeify.config import ConfigError, MoEConfig
 from moeify.convert_config import ConvertConfig, config_from_call
 from moeify.errors import MoeifyError
 from moeify.layer import MoELayer
-from moeify.report import REPORT_ATTR, ConversionReport, FFNReport, count_params
-from moeify.upcycle import expert_d_ff, upcycle_layer
 from moeify.passes import (
     Analyse,
     Analysis,
@@ -35,10 +34,14 @@ from moeify.passes import (
     Select,
     Site,
     WireTokenIds,
+    activation_module,
 )
 from moeify.passes.match import FFNMatch, Rejection
 from moeify.passes.rewrite import dense_weights
 from moeify.passes.token_ids import reads_token_ids
+from moeify.report import REPORT_ATTR, ConversionReport, FFNReport, count_params
+from moeify.upcycle import expert_d_ff, upcycle_layer
+
 
 def find_ffns(model: nn.Module) -> list[FFNMatch]:
     """The FFNs of `model`, in module order. Nothing is changed. See `FFNMatch` for the fields."""
@@ -170,11 +173,14 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
     cfg = config.layer_config(d_model=m.d_model, d_ff=_expert_width(config, site), activation=m.activation,
                               gated=m.gated, bias=m.bias)
     dense = dense_weights(model, m)
+    # An activation moeify has no name for is carried into the experts as the same computation (a copy).
+    activation = activation_module(site) if m.activation == CUSTOM else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 1_000_003 + index)
         try:
             # Every upcycling strategy overwrites all expert weights: skip their random init.
-            layer = MoELayer(cfg, causal=m.causal, init_experts=config.init.init == "none")
+            layer = MoELayer(cfg, causal=m.causal, init_experts=config.init.init == "none",
+                             activation=activation)
         except ConfigError as exc:
             raise ConfigError(f"FFN {m.name!r}: {exc}") from None
         layer.to(device=dense.w1.device, dtype=dense.w1.dtype)

@@ -12,14 +12,16 @@ import math
 import torch
 from torch import nn
 
+from moeify.activations import Activation
 from moeify.dispatch.reference import expert_ffn
 
 Tensor = torch.Tensor
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", gated: bool = False,
+    def __init__(self, d_model: int, d_ff: int, activation: Activation = "gelu", gated: bool = False,
                  bias: bool = True):
+        """`activation`: a name, or an elementwise module/function (a module becomes a submodule)."""
         super().__init__()
         self.activation, self.gated = activation, gated
         h1 = 2 * d_ff if gated else d_ff

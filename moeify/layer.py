@@ -15,13 +15,14 @@ import math
 import torch
 from torch import nn
 
+from moeify.activations import CUSTOM, Activation
 from moeify.config import ConfigError, MoEConfig
 from moeify.dense_ffn import DenseFFN
 from moeify.deprecation import moved
 from moeify.dispatch import grouped_ffn, soft_experts
 from moeify.lowering.context import export_target
 from moeify.routers import Router, build_router
-from moeify.routing import SoftRouting
+from moeify.routing import Routing, SoftRouting
 from moeify.stats import RoutingStats
 
 Tensor = torch.Tensor
@@ -43,12 +44,23 @@ class MoELayer(nn.Module):
             on later tokens.
         init_experts: False leaves the expert weights w1 and w2 uninitialised (`torch.empty`), for a caller
             that overwrites them next, as upcycling does: their random init was most of conversion time.
+        activation: the experts' activation as a module (squared ReLU, nn.PReLU, ...), applied elementwise
+            (gated: act(gate) * up); `config.activation` must then be "custom". It is a submodule, so its
+            parameters train and are saved with the layer's state_dict. The experts run a pure-torch path
+            (the fast kernel knows activations by name) and export as standard ONNX ops.
     """
 
     def __init__(self, config: MoEConfig, router: Router | None = None, causal: bool = False, *,
-                 init_experts: bool = True):
+                 init_experts: bool = True, activation: nn.Module | None = None):
         super().__init__()
+        if (activation is not None) != (config.activation == CUSTOM):
+            raise ConfigError(
+                f'activation="{CUSTOM}" needs the module: MoELayer(config, activation=module)'
+                if activation is None else
+                f'MoELayer got an activation module, so config.activation must be "{CUSTOM}", '
+                f"not {config.activation!r}")
         self.config = config
+        self.activation = activation
         self.router = router if router is not None else build_router(config)
         if router is not None and (router.config.d_model != config.d_model
                                    or router.config.num_experts != config.num_experts):
@@ -72,7 +84,7 @@ class MoELayer(nn.Module):
         self.shared = None
         if config.num_shared_experts > 0:
             width = config.num_shared_experts * (config.shared_d_ff or H)
-            self.shared = DenseFFN(D, width, config.activation, config.gated, config.bias)
+            self.shared = DenseFFN(D, width, self.expert_activation, config.gated, config.bias)
         self.dispatch_impl = "fast"  # "reference" selects the slow reference (tests, debugging)
         # Expert parallelism: when set (by moeify.parallel), it runs the experts for sparse routings:
         # expert_parallel(x [T, D], routing, layer) -> [T, D].
@@ -84,31 +96,52 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.config.num_experts
 
+    @property
+    def expert_activation(self) -> Activation:
+        """What the experts apply: the activation module when given one, else the config's name."""
+        return self.activation if self.activation is not None else self.config.activation
+
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """x [..., D] -> [..., D]: route, run the routed experts, add the shared experts.
+
+        The same steps run while exporting to ONNX; only the experts step becomes the op of the layer's
+        lowering (see `experts`).
+        """
         cfg = self.config
         lead = x.shape[:-1]
         if x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoELayer expects last dim {cfg.d_model}, got input of shape {tuple(x.shape)}")
         x2 = x.reshape(-1, cfg.d_model)  # [T, D]
         ids = None if token_ids is None else token_ids.reshape(-1)  # [T]
-        if torch.compiler.is_exporting() and (target := export_target()) is not None:
-            from moeify.lowering.hook import lowered_forward  # ONNX export: ops that lower one-to-one
-
-            return lowered_forward(self, x2, ids, target).reshape(*lead, cfg.d_model)
         routing = self.router(x2, token_ids=ids)
-        if isinstance(routing, SoftRouting):
-            out = soft_experts(x2, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,
-                               cfg.activation, cfg.gated, impl=self.dispatch_impl)  # [T, D]
-        elif self.expert_parallel is not None:
-            out = self.expert_parallel(x2, routing, self)  # [T, D]
-        else:
-            out = grouped_ffn(x2, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype),
-                              self.w1, self.b1, self.w2, self.b2, cfg.activation, cfg.gated,
-                              impl=self.dispatch_impl)  # [T, D]
+        out = self.experts(x2, routing)  # [T, D]
         if self.shared is not None:
             out = out + self.shared(x2)
         self._record(routing, x2.shape[0])
         return out.reshape(*lead, cfg.d_model)
+
+    def experts(self, x: Tensor, routing: Routing) -> Tensor:
+        """x [T, D] and its routing -> the routed experts' output [T, D].
+
+        While `moeify.export_onnx` traces the layer, the op of the layer's lowering (`moeify.lowering`);
+        with expert parallelism (training), the parallel experts; else `local_experts`.
+        """
+        if torch.compiler.is_exporting() and export_target() is not None:
+            from moeify.lowering.export import lowered_experts  # the ONNX op chosen for this layer
+
+            return lowered_experts(self, x, routing)
+        if self.expert_parallel is not None and not isinstance(routing, SoftRouting):
+            return self.expert_parallel(x, routing, self)  # [T, D]
+        return self.local_experts(x, routing)
+
+    def local_experts(self, x: Tensor, routing: Routing) -> Tensor:
+        """The routed experts on this process: x [T, D] -> [T, D]."""
+        cfg, act = self.config, self.expert_activation
+        if isinstance(routing, SoftRouting):
+            return soft_experts(x, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,
+                                act, cfg.gated, impl=self.dispatch_impl)  # [T, D]
+        return grouped_ffn(x, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype), self.w1,
+                           self.b1, self.w2, self.b2, act, cfg.gated, impl=self.dispatch_impl)  # [T, D]
 
     def _record(self, routing, num_tokens: int) -> None:
         """Keep this forward's aux loss and statistics on the layer (not in any global)."""

@@ -51,7 +51,7 @@ BAD = [
     (dict(router=["topk"]), ["unknown router"]),
     (
         dict(activation="cosine"),
-        ["unknown activation 'cosine'", "valid: " + ", ".join(sorted(ACTIVATIONS))],
+        ["unknown activation 'cosine'", "valid: " + ", ".join(sorted((*ACTIVATIONS, "custom")))],
     ),
     (dict(score_fn="sparsemax"), ["unknown score_fn 'sparsemax'", "softmax", "sigmoid"]),
     (dict(gated="yes"), ["gated", "true or false"]),

@@ -11,10 +11,8 @@ line (the group prints it and exits 1).
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import click
@@ -67,23 +65,17 @@ def example_from_specs(specs: tuple[str, ...], vocab: int | None):
     """Example inputs for export: a tuple (no names given) or a dict (all named)."""
     import torch
 
+    from moeify.runtime.session import random_input
+
     parsed = [parse_input_spec(s) for s in specs]
     named = [p[0] is not None for p in parsed]
     if any(named) and not all(named):
         raise MoeifyError("--input-spec: name all inputs or none")
-    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
     values = []
     for name, shape, dtype in parsed:
-        if dtype in ("int64", "long", "int32"):
-            high = vocab if (vocab and name and name.endswith("ids")) else 2
-            t = torch.randint(0, high, shape, generator=g)
-            if name and "mask" in name:
-                t = torch.ones(shape, dtype=torch.long)
-            values.append(t if dtype != "int32" else t.int())
-        elif dtype == "bool":
-            values.append(torch.ones(shape, dtype=torch.bool))
-        else:
-            values.append(torch.randn(shape, generator=g))
+        high = vocab if (vocab and name and name.endswith("ids")) else 2
+        values.append(torch.from_numpy(random_input(name or "", shape, _DTYPES[dtype], high, rng)))
     if all(named):
         return {p[0]: v for p, v in zip(parsed, values, strict=True)}
     return tuple(values)
@@ -98,26 +90,10 @@ def load_model_ref(spec: str, arch: str | None = None, trust_pickle: bool = Fals
     """
     from torch import nn
 
-    if ":" in spec and not Path(spec).exists():
-        module_name, _, attr = spec.partition(":")
-        sys.path.insert(0, str(Path.cwd()))
-        try:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as e:
-                raise MoeifyError(f"cannot import module {module_name!r} from {spec!r}: {e}") from e
-        finally:
-            sys.path.pop(0)
-        fn = getattr(module, attr, None)
-        if fn is None or not callable(fn):
-            raise MoeifyError(f"{module_name!r} has no callable {attr!r}")
-        try:
-            made = fn()
-        except MoeifyError:
-            raise
-        except Exception as e:  # the user's builder failed: say so in one line (--debug shows more)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MoeifyError(f"calling {spec} failed: {type(e).__name__}: {first}") from e
+    from moeify.io.sources import call_builder, is_callable_spec
+
+    if is_callable_spec(spec):
+        made = call_builder(spec)
     else:
         try:
             from moeify.io import load_model
@@ -137,10 +113,11 @@ def load_model_ref(spec: str, arch: str | None = None, trust_pickle: bool = Fals
 def parse_run_inputs(session, items: tuple[str, ...], batch: int, seq: int) -> dict[str, np.ndarray]:
     """--input NAME=FILE.npy or NAME=SHAPE (random); inputs not given are made up (batch x seq)."""
     from moeify.runtime import example_feed
+    from moeify.runtime.session import onnx_input_dtype, random_input
 
     feed = example_feed(session, batch=batch, seq=seq)
-    names = [i.name for i in session.get_inputs()]
-    types = {i.name: i.type for i in session.get_inputs()}
+    inputs = {i.name: i for i in session.get_inputs()}
+    names = list(inputs)
     rng = np.random.default_rng(0)
     for item in items:
         name, sep, value = item.partition("=")
@@ -157,14 +134,7 @@ def parse_run_inputs(session, items: tuple[str, ...], batch: int, seq: int) -> d
                 raise MoeifyError(f"--input {item!r}: file {value} not found")
             feed[name] = np.load(value)
         else:
-            shape = parse_shape(value)
-            kind = types[name]
-            if "int" in kind:
-                feed[name] = (np.ones(shape) if "mask" in name else rng.integers(0, 2, shape)).astype(
-                    np.int64 if "int64" in kind else np.int32)
-            else:
-                dtype = np.float16 if "float16" in kind else np.float32
-                feed[name] = rng.standard_normal(shape).astype(dtype)
+            feed[name] = random_input(name, parse_shape(value), onnx_input_dtype(inputs[name]), 2, rng)
     return feed
 
 

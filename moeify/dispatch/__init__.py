@@ -9,17 +9,20 @@ expert, N assignments.
   "grouped_mm"  the grouped-GEMM path (expert permutation, `torch._grouped_mm`, inverse permutation) on
                 any device, as an autograd function: how the GPU path is tested on the CPU.
   "reference"   the slow, obviously correct reference.
+An activation given as a callable (not a name) runs the pure-torch grouped path (`torch_path`) whatever
+`impl` asks for, except "reference".
 """
 
 from __future__ import annotations
 
 import torch
 
-from moeify.activations import apply_expert_activation
+from moeify.activations import Activation, apply_expert_activation
 from moeify.dispatch.buffers import release_grad_buffers, set_grad_buffer_recycling
 from moeify.dispatch.grouped import grouped_mm_ffn
 from moeify.dispatch.ops import grouped_ffn_op, grouped_ffn_train_op
 from moeify.dispatch.reference import reference_grouped_ffn, reference_soft_experts
+from moeify.dispatch.torch_path import torch_grouped_ffn
 
 Tensor = torch.Tensor
 
@@ -32,7 +35,7 @@ def _check_impl(impl: str) -> None:
 
 
 def grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, w1: Tensor,
-                b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str, gated: bool,
+                b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: Activation, gated: bool,
                 impl: str = "fast") -> Tensor:
     """x [T, D] -> [T, D]; see `reference_grouped_ffn` for the exact meaning.
 
@@ -43,6 +46,8 @@ def grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor
     _check_impl(impl)
     if impl == "reference":
         return reference_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
+    if not isinstance(activation, str):
+        return torch_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
     if impl == "grouped_mm":
         return grouped_mm_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
     wants_grad = torch.is_grad_enabled() and any(
@@ -53,7 +58,7 @@ def grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor
 
 
 def fast_soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
-                      b2: Tensor | None, activation: str, gated: bool) -> Tensor:
+                      b2: Tensor | None, activation: Activation, gated: bool) -> Tensor:
     """Soft MoE with batched matmuls over the stacked weights (plain ops; autograd as usual).
 
     Every expert sees exactly S slots, so the experts are one `bmm` each way, no Python loop, and the weight
@@ -75,7 +80,7 @@ def fast_soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, 
 
 
 def soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
-                 b2: Tensor | None, activation: str, gated: bool, impl: str = "fast") -> Tensor:
+                 b2: Tensor | None, activation: Activation, gated: bool, impl: str = "fast") -> Tensor:
     """Soft MoE expert computation; see `reference_soft_experts`. x [T, D]; dispatch, combine [T, E*S].
 
     Every expert gets exactly S slots, so the fast path is already one batched GEMM each way with no
@@ -86,5 +91,5 @@ def soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: T
     return fast_soft_experts(x, dispatch, combine, w1, b1, w2, b2, activation, gated)
 
 
-__all__ = ["grouped_ffn", "soft_experts", "fast_soft_experts", "reference_grouped_ffn",
+__all__ = ["grouped_ffn", "soft_experts", "fast_soft_experts", "torch_grouped_ffn", "reference_grouped_ffn",
            "reference_soft_experts", "release_grad_buffers", "set_grad_buffer_recycling"]

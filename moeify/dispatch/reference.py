@@ -1,20 +1,21 @@
 """The slow, obviously correct MoE computation every fast path is tested against.
 
 Shape legend: T tokens, D model width, H expert hidden width (H1 = 2H when gated), E experts,
-N assignments. Plain autograd ops, one Python iteration per expert, nothing clever.
+N assignments. Plain autograd ops, one Python iteration per expert, nothing clever. `activation` is a
+name of `moeify.activations.ACTIVATIONS` or any elementwise callable (a module such as nn.PReLU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moeify.activations import apply_expert_activation
+from moeify.activations import Activation, apply_expert_activation
 
 Tensor = torch.Tensor
 
 
 def expert_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-               activation: str, gated: bool) -> Tensor:
+               activation: Activation, gated: bool) -> Tensor:
     """One expert: x [n, D], w1 [H1, D], w2 [D, H] -> [n, D]."""
     h = x @ w1.t()  # [n, H1]
     if b1 is not None:
@@ -28,7 +29,7 @@ def expert_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor 
 
 def reference_grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
                           w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                          activation: str, gated: bool) -> Tensor:
+                          activation: Activation, gated: bool) -> Tensor:
     """out[t] = sum over assignments n with token_idx[n] = t of weight[n] * expert_{expert_idx[n]}(x[t]).
 
     x [T, D]; token_idx, expert_idx, weight [N]; w1 [E, H1, D]; b1 [E, H1]; w2 [E, D, H]; b2 [E, D].
@@ -48,7 +49,7 @@ def reference_grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weig
 
 
 def reference_soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None,
-                           w2: Tensor, b2: Tensor | None, activation: str, gated: bool) -> Tensor:
+                           w2: Tensor, b2: Tensor | None, activation: Activation, gated: bool) -> Tensor:
     """Soft MoE: slots = dispatch^T x, each expert runs on its S slots, out = combine @ slot outputs.
 
     x [T, D]; dispatch, combine [T, E*S].

@@ -71,6 +71,15 @@ def is_callable_spec(spec: str) -> bool:
 
 def call_spec(spec: str) -> nn.Module:
     """Import `module:callable`, call it with no arguments, return the nn.Module it builds."""
+    model = call_builder(spec)
+    if not isinstance(model, nn.Module):
+        raise MoeifyError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def call_builder(spec: str):
+    """Import `module:callable`, call it with no arguments, return what it returns (MoeifyError, one line,
+    when the import or the call fails)."""
     if not is_callable_spec(spec):
         raise MoeifyError(f"{spec!r} is not of the form module:callable (e.g. mypkg.models:build)")
     module_name, _, attr = spec.partition(":")
@@ -91,12 +100,12 @@ def call_spec(spec: str) -> nn.Module:
     if not callable(obj):
         raise MoeifyError(f"{spec} is not callable; name a function or class that builds the model")
     try:
-        model = obj()
+        return obj()
+    except MoeifyError:
+        raise
     except Exception as e:
-        raise MoeifyError(f"{spec}() failed: {type(e).__name__}: {e}") from e
-    if not isinstance(model, nn.Module):
-        raise MoeifyError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise MoeifyError(f"{spec}() failed: {type(e).__name__}: {first}") from e
 
 
 def file_sha256(path: Path) -> str:

@@ -1,14 +1,18 @@
-"""Lowering to ONNX: `export_onnx` and the pieces it uses.
+"""Lowering to ONNX: `export_onnx` and the pieces it uses, organised by ONNX op.
 
-- `context`:   the export target flag `MoELayer.forward` reads (light; imported by the layer)
-- `hook`:      the layer's export-time forward (which torch op each layer calls)
-- `ops`:       export-only torch custom ops (moeify::topk_moe, moeify::export_soft_experts)
-- `fused`:     when a layer may use ONNX Runtime's com.microsoft.MoE (and what that op computes)
-- `schemas`:   ONNX schemas of moeify.GroupedFFN / moeify.SoftExperts (+ com.microsoft.MoE)
-- `translate`: the torch op -> ONNX node table for torch.onnx.export
-- `bodies`:    standard-op function bodies of the moeify ops (sparse capacity-buffer dispatch)
-- `functions`: attach the bodies to the exported model, or inline them (portable target)
-- `export`:    `export_onnx` itself
+- `context`:  the export target and per-layer plans `MoELayer.experts` reads (light; the layer imports it)
+- `export`:   `export_onnx` and `ExportResult`; assembles the lowerings: `LOWERINGS` in order of preference,
+              `plan_for` (the first eligible one the router declares), `lowered_experts` (the layer's experts
+              step while tracing), schema registration, the translation table, attaching/inlining bodies
+- `inputs`:   example inputs: normalising them, dynamic batch/sequence axes, `hf_example_inputs`
+- `ops/`:     one file per lowering, each with its eligibility check (with a reason), export-only torch op,
+              translation (onnxscript), schema and function body (see `moeify.lowering.ops`):
+  - `ops/base`:         the `Lowering` protocol and the `Plan` of one layer
+  - `ops/ort_moe`:      com.microsoft.MoE (ONNX Runtime's fused kernel, with the onnxruntime probe)
+  - `ops/grouped_ffn`:  moeify.GroupedFFN (sparse dispatch)
+  - `ops/soft_experts`: moeify.SoftExperts (Soft MoE)
+  - `ops/portable`:     the portable (standard-op) bodies' shared pieces and the moeify ops' schema pieces
+  - `ops/traced`:       standard ops traced from PyTorch, for activations given as modules
 
 Attributes are loaded lazily so that importing the layer does not import onnx.
 """

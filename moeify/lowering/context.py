@@ -1,10 +1,10 @@
 """The export target flag: which ONNX target the layers are being lowered for, if any.
 
 `export_onnx` sets it for the duration of one export (a context variable, not a module global, so two
-threads exporting at once do not see each other's target). `MoELayer.forward` reads it while
-`torch.compiler.is_exporting()` to switch to its export-time lowering (`moeify.lowering.hook`), and the hook
-records which ONNX op each layer became, for the export report. This module imports nothing heavy: the
-layer imports it.
+threads exporting at once do not see each other's target), with the `Plan` it chose for each layer.
+`MoELayer.experts` reads it while `torch.compiler.is_exporting()` to run its lowering's op instead
+(`moeify.lowering.export.lowered_experts`), which records the plan each layer used, for the export report.
+This module imports nothing heavy: the layer imports it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,16 @@ from dataclasses import dataclass, field
 TARGETS = ("ort", "portable")
 
 
+# The attribute that names a layer during one export: torch.export may trace a *copy* of the model (seen
+# with activation modules), so plans are found by this name, which copies keep, not by id(layer).
+_NAME_ATTR = "_moeify_export_name"
+
+
 @dataclass
 class ExportState:
     target: str
-    plans: dict[int, object] = field(default_factory=dict)  # id(layer) -> FusedPlan decided before tracing
-    lowerings: dict[int, object] = field(default_factory=dict)  # id(layer) -> FusedPlan actually used
+    plans: dict[str, object] = field(default_factory=dict)  # layer name -> Plan decided before tracing
+    lowerings: dict[str, object] = field(default_factory=dict)  # layer name -> Plan actually used
 
 
 _STATE: ContextVar[ExportState | None] = ContextVar("moeify_export_state", default=None)
@@ -34,30 +39,38 @@ def export_target() -> str | None:
 
 
 def planned_lowering(layer):
-    """The FusedPlan `export_onnx` decided for `layer` before tracing, if any."""
+    """The Plan `export_onnx` decided for `layer` before tracing, if any."""
     state = _STATE.get()
-    return None if state is None else state.plans.get(id(layer))
+    return None if state is None else state.plans.get(getattr(layer, _NAME_ATTR, None))
 
 
 def record_lowering(layer, plan) -> None:
     state = _STATE.get()
     if state is not None:
-        state.lowerings[id(layer)] = plan
+        state.lowerings[getattr(layer, _NAME_ATTR, f"<layer {id(layer)}>")] = plan
 
 
 @contextlib.contextmanager
-def exporting_for(target: str, plans: dict[int, object] | None = None) -> Iterator[ExportState]:
+def exporting_for(target: str, plans: dict[str, object] | None = None,
+                  layers: dict[str, object] | None = None) -> Iterator[ExportState]:
     """Lower MoE layers for `target` ("ort" or "portable") while the block runs.
 
-    `plans` maps id(layer) to the layer's FusedPlan (decided outside tracing: deciding may run onnxruntime).
+    `layers` maps a name to each MoE layer, `plans` the same names to the layers' Plans (decided outside
+    tracing: deciding may run onnxruntime). The layers carry their names while the block runs.
     """
     if target not in TARGETS:
         from moeify.errors import MoeifyError
 
         raise MoeifyError(f"unknown export target {target!r}; valid targets: {', '.join(TARGETS)}")
+    layers = dict(layers or {})
     state = ExportState(target, dict(plans or {}))
     token = _STATE.set(state)
     try:
+        for name, layer in layers.items():
+            setattr(layer, _NAME_ATTR, name)
         yield state
     finally:
+        for layer in layers.values():
+            if hasattr(layer, _NAME_ATTR):
+                delattr(layer, _NAME_ATTR)
         _STATE.reset(token)

@@ -8,26 +8,45 @@ Targets:
               moeify.SoftExperts, which carry standard-op function bodies inside the model.
   "portable"  standard ai.onnx ops only (the function bodies inlined): sparse dispatch through a capacity
               buffer, never all experts on all tokens.
+A layer whose activation is a module exports as standard ops traced from PyTorch on both targets.
 Batch and sequence axes are dynamic by default, so one file serves every token count.
+
+Assembly: `LOWERINGS` lists the lowerings (`moeify.lowering.ops`) in order of preference. Before tracing,
+each layer gets the first one its router declares (`RouterCapabilities.lowerings`; the traced fallback is
+open to all) whose eligibility check passes (`plan_for`); while tracing, `MoELayer.experts` calls that
+lowering's `experts` (`lowered_experts`); the lowerings' translations map their torch ops to ONNX nodes,
+and their function bodies are attached to the model (or inlined for the portable target).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 import torch
 from torch import nn
 
 from moeify.errors import MoeifyError
-from moeify.lowering.context import TARGETS, exporting_for
+from moeify.lowering.context import TARGETS, exporting_for, planned_lowering, record_lowering
+from moeify.lowering.inputs import guess_dynamic_shapes, hf_example_inputs, normalise_inputs, widen_unit_axes
+from moeify.lowering.ops import grouped_ffn, ort_moe, soft_experts, traced
+from moeify.lowering.ops.base import Lowering, Plan
 
 DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+
+# in order of preference
+LOWERINGS: tuple[Lowering, ...] = (ort_moe.LOWERING, grouped_ffn.LOWERING, soft_experts.LOWERING,
+                                   traced.LOWERING)
+
+__all__ = ["ExportResult", "export_onnx", "hf_example_inputs", "LOWERINGS", "plan_for"]
 
 
 @dataclass(frozen=True)
@@ -76,21 +95,20 @@ def export_onnx(model: nn.Module, example_inputs=None, path: str | Path = "model
     param = next(model.parameters(), None)
     if param is not None and param.dtype != dtype:
         model = copy.deepcopy(model).to(dtype)
-    args, kwargs = _normalise_inputs(model, example_inputs, dtype)
+    args, kwargs = normalise_inputs(model, example_inputs, dtype)
     shapes = dynamic_shapes
     if dynamic and dynamic_shapes is None:
-        args, kwargs = _widen_unit_axes(args, kwargs)
-        shapes = _guess_dynamic_shapes(args, kwargs)
+        args, kwargs = widen_unit_axes(args, kwargs)
+        shapes = guess_dynamic_shapes(args, kwargs)
     from moeify.layer import MoELayer
-    from moeify.lowering.functions import attach_functions, inline_functions
-    from moeify.lowering.hook import plan_for
-    from moeify.lowering.translate import translation_table
 
+    register_schemas()
     was_training = model.training
     model.eval()
     try:
-        plans = {id(m): plan_for(m, target) for m in model.modules() if isinstance(m, MoELayer)}
-        with exporting_for(target, plans) as state, _quiet_exporter(), _no_hf_cache(model):
+        layers = {name or ".": m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+        plans = {name: plan_for(m, target) for name, m in layers.items()}
+        with exporting_for(target, plans, layers) as state, _quiet_exporter(), _no_hf_cache(model):
             try:
                 program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False,
                                             custom_translation_table=translation_table(),
@@ -117,87 +135,85 @@ def export_onnx(model: nn.Module, example_inputs=None, path: str | Path = "model
         ir_model.metadata_props["moeify.vocab_size"] = str(vocab)
     program.save(str(path))
     if check:
-        import onnx
-
         onnx.checker.check_model(str(path))
 
-    layers, reasons = {}, {}
-    for name, module in model.named_modules():
-        plan = state.lowerings.get(id(module)) if isinstance(module, MoELayer) else None
-        if plan is not None:
-            op = plan.op if target == "ort" or plan.fused else f"{plan.op} (inlined)"
-            layers[name or "."], reasons[name or "."] = op, plan.reason
-    return ExportResult(path=path, target=target, dtype=DTYPES[dtype], layers=layers, reasons=reasons)
+    used = {name: state.lowerings[name] for name in layers if name in state.lowerings}
+    return ExportResult(path=path, target=target, dtype=DTYPES[dtype],
+                        layers={name: plan.label(target) for name, plan in used.items()},
+                        reasons={name: plan.reason for name, plan in used.items()})
 
 
-def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
-    """input_ids [batch, seq] for a transformers model, from its config's vocab_size."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int):
-        raise MoeifyError("example inputs are needed for this model (it has no config.vocab_size to make "
-                          "input_ids from); pass example_inputs")
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)}
+def plan_for(layer, target: str) -> Plan:
+    """The lowering of `layer`'s experts for `target`: the first of `LOWERINGS` its router declares (or open
+    to any router) that is eligible. Call outside tracing: eligibility may run onnxruntime."""
+    caps = layer.router.caps
+    rejected: dict[str, str] = {}
+    for lowering in LOWERINGS:
+        if not (lowering.any_router or lowering.name in caps.lowerings):
+            continue
+        why = lowering.eligible(layer, target)
+        if why is None:
+            reason = "; ".join(f"not {name}: {r}" for name, r in rejected.items())
+            return Plan(lowering, reason or f"router {layer.router.name!r} prefers {lowering.name}", rejected)
+        rejected[lowering.name] = why
+    raise RuntimeError(f"no lowering for {layer!r}: {rejected}")  # unreachable: the traced one takes any
 
 
-def _normalise_inputs(model, example_inputs, dtype) -> tuple[tuple, dict]:
-    if example_inputs is None:
-        args, kwargs = (), hf_example_inputs(model)
-    elif isinstance(example_inputs, torch.Tensor):
-        args, kwargs = (example_inputs,), {}
-    elif isinstance(example_inputs, Mapping):
-        args, kwargs = (), dict(example_inputs)
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = tuple(example_inputs), {}
-    else:
-        raise MoeifyError("example_inputs must be a tensor, a tuple or a dict, "
-                          f"got {type(example_inputs).__name__}")
+def lowered_experts(layer, x: torch.Tensor, routing) -> torch.Tensor:
+    """`MoELayer.experts` while exporting: x [T, D] -> [T, D] through the op of the layer's lowering."""
+    plan = planned_lowering(layer)
+    if plan is None:  # a layer export_onnx did not see before tracing (not a submodule of the model)
+        from moeify.lowering.context import export_target
 
-    def cast(v):
-        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-
-    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+        plan = plan_for(layer, export_target())
+    record_lowering(layer, plan)
+    return plan.lowering.experts(layer, x, routing)
 
 
-def _widen_unit_axes(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Repeat example inputs along dynamic axes of size 1 (to 2): torch.export specialises size-1 axes,
-    and the exported graph was then silently wrong at other sizes (seen with a batch-1 example)."""
-
-    def widen(v, spec):
-        if not isinstance(v, torch.Tensor) or not spec:
-            return v
-        for axis in spec:
-            if v.shape[axis] == 1:
-                v = torch.cat([v, v], dim=axis)
-        return v
-
-    shapes = _guess_dynamic_shapes(args, kwargs)
-    if isinstance(shapes, tuple):
-        args = tuple(widen(a, s) for a, s in zip(args, shapes, strict=True))
-    elif isinstance(shapes, dict):
-        kwargs = {k: widen(v, shapes[k]) for k, v in kwargs.items()}
-    return args, kwargs
+@functools.cache
+def register_schemas() -> None:
+    """Register the lowerings' op schemas with onnx (onnxscript looks ops up there; onnx.checker validates
+    against them); a schema onnx already knows (com.microsoft.MoE in some versions) is left alone."""
+    for lowering in LOWERINGS:
+        if lowering.schema is not None:
+            schema = lowering.schema()
+            if not onnx.defs.has(schema.name, schema.domain):
+                onnx.defs.register_schema(schema)
 
 
-def _guess_dynamic_shapes(args: tuple, kwargs: dict):
-    """Batch and sequence axes: integer inputs [B, S] (ids, masks); float inputs [B, S, D] or [T, D]."""
-    Dim = torch.export.Dim
-    batch, seq, tokens = Dim("batch"), Dim("seq"), Dim("tokens")
+def translation_table() -> dict:
+    """torch op overload -> onnxscript function, for torch.onnx.export's custom_translation_table."""
+    return {op: fn for lowering in LOWERINGS for op, fn in lowering.translations().items()}
 
-    def spec(v):
-        if not isinstance(v, torch.Tensor) or v.dim() == 0:
-            return None
-        if not v.is_floating_point():
-            return {0: batch, 1: seq} if v.dim() == 2 else ({0: tokens} if v.dim() == 1 else {0: batch})
-        if v.dim() == 2:
-            return {0: tokens}
-        return {0: batch, 1: seq} if v.dim() == 3 else {0: batch}
 
-    if kwargs and not args:
-        return {k: spec(v) for k, v in kwargs.items()}
-    if args and not kwargs:
-        return tuple(spec(a) for a in args)
-    return None  # mixed positional and keyword inputs: let torch.export decide (static)
+def attach_functions(model: ir.Model) -> int:
+    """Give every node of a function-bodied lowering the overload of its variant (activation, gating, which
+    biases are present) and the model one function per overload used, so the model stands alone: a runtime
+    that has never heard of moeify runs it through the bodies. Returns how many such nodes were found."""
+    bodied = {(lw.domain, lw.op_type): lw for lw in LOWERINGS if lw.body is not None}
+    opset = model.opset_imports.get("", 18)
+    count = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        lowering = bodied.get((node.domain, node.op_type))
+        if lowering is None:
+            continue
+        count += 1
+        i1, i2 = lowering.bias_inputs
+        has_b1 = len(node.inputs) > i1 and node.inputs[i1] is not None
+        has_b2 = len(node.inputs) > i2 and node.inputs[i2] is not None
+        function = lowering.body(node.attributes["activation"].as_string(),
+                                 bool(node.attributes["gated"].as_int()), has_b1, has_b2, opset)
+        node.overload = function.overload
+        model.functions.setdefault(function.identifier(), function)
+        model.opset_imports.setdefault(node.domain, 1)
+    return count
+
+
+def inline_functions(model: ir.Model) -> None:
+    """Replace every function call by its body; drop functions and opsets no longer used."""
+    common_passes.InlinePass()(model)
+    common_passes.RemoveUnusedFunctionsPass()(model)
+    common_passes.RemoveUnusedOpsetsPass()(model)
 
 
 @contextlib.contextmanager

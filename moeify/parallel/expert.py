@@ -117,8 +117,8 @@ class ExpertParallel(nn.Module):
         if R > 0:
             rows = torch.arange(R, device=x.device)
             ones = torch.ones(R, dtype=x.dtype, device=x.device)  # [R] routing weights apply at home
-            y_recv = grouped_ffn(x_recv, rows, local_e, ones, w1, b1, w2, b2, cfg.activation, cfg.gated,
-                                 impl=layer.dispatch_impl)  # [R, D]
+            y_recv = grouped_ffn(x_recv, rows, local_e, ones, w1, b1, w2, b2, layer.expert_activation,
+                                 cfg.gated, impl=layer.dispatch_impl)  # [R, D]
         else:
             # Nothing to compute, but keep the graph connected so that backward still runs both
             # exchanges here (every rank must join every collective) and the local experts get zero

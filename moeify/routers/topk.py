@@ -22,6 +22,17 @@ if TYPE_CHECKING:  # annotations only: moeify.config imports this package to che
 Tensor = torch.Tensor
 
 
+def topk_weights(logits: Tensor, k: int, normalize: bool, score_fn: str) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [T, E] -> (scores [T, E], weights [T, K], expert indices [T, K]): softmax (or sigmoid) scores,
+    each token's k best, renormalised to sum to 1 when `normalize`. The router and its ONNX lowering
+    (`moeify.lowering.ops.ort_moe`) both compute top-k with this."""
+    scores = torch.softmax(logits, dim=-1) if score_fn == "softmax" else torch.sigmoid(logits)  # [T, E]
+    top_w, top_idx = torch.topk(scores, k, dim=-1)  # [T, K]
+    if normalize:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+    return scores, top_w, top_idx
+
+
 def token_choice_routing(router: Router, logits: Tensor, scores: Tensor, top_idx: Tensor,
                          top_w: Tensor) -> SparseRouting:
     """Shared tail of token-choice routers: capacity, losses, flattening.
@@ -100,8 +111,5 @@ class TopKRouter(Router):
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         cfg = self.config
         logits = self.compute_logits(x)  # [T, E]
-        scores = torch.softmax(logits, dim=-1) if cfg.score_fn == "softmax" else torch.sigmoid(logits)
-        top_w, top_idx = torch.topk(scores, cfg.k, dim=-1)  # [T, K]
-        if cfg.normalize:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        scores, top_w, top_idx = topk_weights(logits, cfg.k, cfg.normalize, cfg.score_fn)  # [T, E], [T, K] x2
         return token_choice_routing(self, logits, scores, top_idx, top_w)

@@ -113,6 +113,35 @@ def _dim(d, name: str, batch: int, seq: int) -> int:
     return seq
 
 
+# ONNX Runtime input types -> numpy dtypes
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def random_input(name: str, shape, dtype, vocab: int, rng: np.random.Generator) -> np.ndarray:
+    """One made-up input of `shape` and numpy `dtype`: floats standard normal; integers ones for a mask
+    (by name), else values in [0, vocab); booleans ones. Every example-input maker (export's
+    --input-spec, run's --input NAME=SHAPE, `example_feed`) uses this rule."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind in "iu":
+        if "mask" in name:
+            return np.ones(shape, dtype=dtype)
+        return rng.integers(0, vocab, size=shape).astype(dtype)
+    if dtype.kind == "b":
+        return np.ones(shape, dtype=dtype)
+    raise MoeifyError(f"cannot make an example for input {name!r} of type {dtype}; pass it")
+
+
+def onnx_input_dtype(inp) -> np.dtype:
+    """The numpy dtype of an onnxruntime session input (MoeifyError for a type moeify cannot make up)."""
+    if inp.type not in _ORT_TYPES:
+        raise MoeifyError(f"cannot make an example for input {inp.name!r} of type {inp.type}; pass it")
+    return np.dtype(_ORT_TYPES[inp.type])
+
+
 def example_feed(session, batch: int = 1, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for every session input: symbolic axes named batch -> `batch`, tokens -> batch*seq,
     others -> `seq`. Integer inputs: masks get ones, ids small non-negative values (valid for any vocab of
@@ -120,27 +149,9 @@ def example_feed(session, batch: int = 1, seq: int = 16, seed: int = 0) -> dict[
     rng = np.random.default_rng(seed)
     meta = session.get_modelmeta().custom_metadata_map
     vocab = int(meta.get("moeify.vocab_size", 2))
-    feed = {}
-    for inp in session.get_inputs():
-        shape = [_dim(d, "", batch, seq) for d in inp.shape]
-        kind = inp.type
-        if "float16" in kind:
-            feed[inp.name] = rng.standard_normal(shape).astype(np.float16)
-        elif "double" in kind:
-            feed[inp.name] = rng.standard_normal(shape)
-        elif "float" in kind:
-            feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
-        elif "int" in kind:
-            dtype = np.int64 if "int64" in kind else np.int32
-            if "mask" in inp.name:
-                feed[inp.name] = np.ones(shape, dtype=dtype)
-            else:
-                feed[inp.name] = rng.integers(0, vocab, size=shape).astype(dtype)
-        elif "bool" in kind:
-            feed[inp.name] = np.ones(shape, dtype=bool)
-        else:
-            raise MoeifyError(f"cannot make an example for input {inp.name!r} of type {kind}; pass it")
-    return feed
+    return {inp.name: random_input(inp.name, [_dim(d, "", batch, seq) for d in inp.shape],
+                                   onnx_input_dtype(inp), vocab, rng)
+            for inp in session.get_inputs()}
 
 
 def run(session, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | None = None

@@ -14,8 +14,10 @@ import torch
 
 from moeify.activations import ACTIVATIONS
 from moeify.dispatch.reference import reference_grouped_ffn, reference_soft_experts
-from moeify.lowering.bodies import ONNX_ACTIVATIONS, grouped_ffn_function, soft_experts_function
-from moeify.lowering.schemas import register_schemas
+from moeify.lowering.export import register_schemas
+from moeify.lowering.ops.grouped_ffn import body as grouped_ffn_function
+from moeify.lowering.ops.portable import ONNX_ACTIVATIONS
+from moeify.lowering.ops.soft_experts import body as soft_experts_function
 
 E, D, H, T = 4, 6, 8, 7
 

@@ -12,7 +12,7 @@ from torch import nn
 import moeify
 from moeify.activations import ACTIVATIONS
 from moeify.errors import MoeifyError
-from moeify.lowering.fused import ort_moe_matches
+from moeify.lowering.ops.ort_moe import ort_moe_matches
 from moeify.routers import ROUTERS
 from moeify.runtime import make_session, run
 

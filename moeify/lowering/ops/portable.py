@@ -1,17 +1,14 @@
-"""Standard-op (ai.onnx) bodies of moeify's ONNX ops, built as ONNX functions.
+"""The portable bodies: what moeify's own ops (moeify.GroupedFFN, moeify.SoftExperts) share.
 
-Shape legend: T tokens, D d_model, H1 first-projection width (2H when gated), H hidden, E experts,
-N assignments, M kept (not dropped) assignments, C capacity (slots per expert), S soft slots per expert.
+Every moeify op travels *inside each exported model* as an ONNX function (model-local, one overload per
+variant) whose body uses standard ai.onnx ops only, so any runtime that supports functions runs the model
+without knowing moeify (ONNX Runtime inlines them when it loads the model); the portable target inlines
+them at export. This file holds the pieces of those bodies (a node builder, the activations, the batched
+expert computation, the function wrapper) and of the ops' schemas (domain "moeify", version 1, the
+expert weight inputs and attributes). Each op's own file (`grouped_ffn`, `soft_experts`) holds its
+dispatch.
 
-GroupedFFN is a *sparse* dispatch, never a dense all-experts-on-all-tokens computation:
-  1. drop assignments with expert == E (Compress);
-  2. slot of each assignment within its expert = running count of that expert so far (one-hot over E,
-     CumSum along the assignments); capacity C = the largest expert count (at least 1);
-  3. ScatterND the assigned token rows into a zero buffer [E, C, D];
-  4. batched MatMul over experts: [E, C, D] x [E, D, H1] -> activation -> [E, C, H] x [E, H, D];
-  5. GatherND each assignment's output row back, scale by its weight, ScatterND(add) into [T, D].
-The work is E * C rows, C the busiest expert's load: T*k rows when routing is balanced.
-
+Shape legend: E experts, C rows per expert, D d_model, H1 first-projection width (2H when gated), H hidden.
 Bodies are type-polymorphic (float32/float16/...): constants are made float32 and CastLike'd.
 """
 
@@ -21,10 +18,15 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnx.defs import OpSchema
 
 from moeify.errors import MoeifyError
-from moeify.lowering.schemas import DOMAIN
+
+DOMAIN = "moeify"
+VERSION = 1
+FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 
 
 class Builder:
@@ -113,6 +115,15 @@ ONNX_ACTIVATIONS: dict[str, Callable[[Builder, ir.Value], ir.Value]] = {
 }
 
 
+def named_activation_only(layer, target: str) -> str | None:
+    """The eligibility check of moeify's ops (any target): why the op cannot carry `layer`'s activation (its
+    attribute is a name), or None."""
+    if layer.activation is not None:
+        return (f"the activation is a module ({type(layer.activation).__name__}), not one of the named "
+                f"activations the op's attribute can carry ({', '.join(ONNX_ACTIVATIONS)})")
+    return None
+
+
 def _activate(b: Builder, h: ir.Value, activation: str, gated: bool) -> ir.Value:
     """h [..., H1] -> [..., H]; gated: act(h[..., :H]) * h[..., H:]."""
     if activation not in ONNX_ACTIVATIONS:
@@ -125,8 +136,8 @@ def _activate(b: Builder, h: ir.Value, activation: str, gated: bool) -> ir.Value
     return b("Mul", act(b, gate), up)
 
 
-def _experts(b: Builder, slots: ir.Value, w1: ir.Value, b1: ir.Value | None, w2: ir.Value,
-             b2: ir.Value | None, activation: str, gated: bool) -> ir.Value:
+def experts_body(b: Builder, slots: ir.Value, w1: ir.Value, b1: ir.Value | None, w2: ir.Value,
+                 b2: ir.Value | None, activation: str, gated: bool) -> ir.Value:
     """slots [E, C, D] -> [E, C, D]: every expert on its own C rows (batched MatMul over E)."""
     h = b("MatMul", slots, b("Transpose", w1, perm=[0, 2, 1]))  # [E, C, H1]
     if b1 is not None:
@@ -138,8 +149,9 @@ def _experts(b: Builder, slots: ir.Value, w1: ir.Value, b1: ir.Value | None, w2:
     return y
 
 
-def _value(name: str) -> ir.Value:
-    return ir.Value(name=name)
+def inputs(*names: str) -> list[ir.Value]:
+    """The formal inputs of a function body."""
+    return [ir.Value(name=n) for n in names]
 
 
 def overload_name(activation: str, gated: bool, has_b1: bool, has_b2: bool) -> str:
@@ -148,63 +160,41 @@ def overload_name(activation: str, gated: bool, has_b1: bool, has_b2: bool) -> s
     return f"{activation}{'_gated' if gated else ''}_{bias[(has_b1, has_b2)]}"
 
 
-def _function(name: str, overload: str, inputs: list[ir.Value], output: ir.Value, b: Builder,
-              opset: int) -> ir.Function:
+def function(name: str, overload: str, formal: list[ir.Value], output: ir.Value, b: Builder,
+             opset: int) -> ir.Function:
+    """The recorded nodes of `b` as the model-local function moeify.<name> (overload `overload`)."""
     output.name = "y"
-    graph = ir.Graph(inputs, [output], nodes=b.tape.nodes, opset_imports={"": opset},
+    graph = ir.Graph(formal, [output], nodes=b.tape.nodes, opset_imports={"": opset},
                      name=f"{name}_{overload}")
     attrs = [ir.Attr("activation", ir.AttributeType.STRING, None),
              ir.Attr("gated", ir.AttributeType.INT, None)]
     return ir.Function(DOMAIN, name, overload, graph=graph, attributes=attrs)
 
 
-def grouped_ffn_function(activation: str, gated: bool, has_b1: bool, has_b2: bool, opset: int) -> ir.Function:
-    """The body of moeify.GroupedFFN for one (activation, gated, biases) variant."""
-    b = Builder()
-    names = ["x", "token_idx", "expert_idx", "weight", "w1", "b1", "w2", "b2"]
-    x, token_idx, expert_idx, weight, w1, b1, w2, b2 = inputs = [_value(n) for n in names]
-    E = b("Shape", w1, start=0, end=1)  # [1]
-    D = b("Shape", x, start=1, end=2)  # [1]
-    keep = b("Less", expert_idx, E)  # [N] not dropped
-    tok = b("Compress", token_idx, keep, axis=0)  # [M]
-    exp = b("Compress", expert_idx, keep, axis=0)  # [M]
-    wgt = b("Compress", weight, keep, axis=0)  # [M]
-    experts = b("Range", b.ints(0), b("Squeeze", E, b.ints([0])), b.ints(1))  # [E]
-    one_hot = b("Cast", b("Equal", b("Unsqueeze", exp, b.ints([1])), experts), to=ir.DataType.INT64)  # [M, E]
-    running = b("CumSum", one_hot, b.ints(0))  # [M, E] count of each expert up to and including row m
-    slot = b("Sub", b("ReduceSum", b("Mul", running, one_hot), b.ints([1]), keepdims=0), b.ints(1))  # [M]
-    counts = b("ReduceSum", one_hot, b.ints([0]), keepdims=0)  # [E]
-    capacity = b("Max", b("ReduceMax", counts, keepdims=1), b.ints([1]))  # [1] C
-    where = b("Concat", b("Unsqueeze", exp, b.ints([1])), b("Unsqueeze", slot, b.ints([1])), axis=1)  # [M, 2]
-    buffer = b.zeros_like_shape(b("Concat", E, capacity, D, axis=0), x)  # [E, C, D]
-    buffer = b("ScatterND", buffer, where, b("Gather", x, tok, axis=0))  # [E, C, D]
-    y = _experts(b, buffer, w1, b1 if has_b1 else None, w2, b2 if has_b2 else None, activation, gated)
-    rows = b("Mul", b("GatherND", y, where), b("Unsqueeze", b("CastLike", wgt, x), b.ints([1])))  # [M, D]
-    # Sum the k contributions of each token in float32: exact enough, and ONNX Runtime's CPU ScatterND has
-    # no float16 'add'.
-    rows = b("Cast", rows, to=ir.DataType.FLOAT)
-    out = b("ScatterND", b("ConstantOfShape", b("Shape", x)), b("Unsqueeze", tok, b.ints([1])), rows,
-            reduction="add")  # [T, D] float32
-    out = b("CastLike", out, x)
-    return _function("GroupedFFN", overload_name(activation, gated, has_b1, has_b2), inputs, out, b, opset)
+# --- schema pieces
+
+def param(name: str, type_str: str, doc: str, optional: bool = False) -> OpSchema.FormalParameter:
+    if optional:
+        return OpSchema.FormalParameter(name, type_str, doc,
+                                        param_option=OpSchema.FormalParameterOption.Optional)
+    return OpSchema.FormalParameter(name, type_str, doc)
 
 
-def soft_experts_function(activation: str, gated: bool, has_b1: bool, has_b2: bool,
-                          opset: int) -> ir.Function:
-    """The body of moeify.SoftExperts for one variant."""
-    b = Builder()
-    names = ["x", "dispatch", "combine", "w1", "b1", "w2", "b2"]
-    x, dispatch, combine, w1, b1, w2, b2 = inputs = [_value(n) for n in names]
-    E = b("Shape", w1, start=0, end=1)  # [1]
-    D = b("Shape", x, start=1, end=2)  # [1]
-    slots = b("MatMul", b("Transpose", dispatch, perm=[1, 0]), x)  # [E*S, D]
-    slots = b("Reshape", slots, b("Concat", E, b.ints([-1]), D, axis=0))  # [E, S, D]
-    y = _experts(b, slots, w1, b1 if has_b1 else None, w2, b2 if has_b2 else None, activation, gated)
-    y = b("Reshape", y, b("Concat", b.ints([-1]), D, axis=0))  # [E*S, D]
-    out = b("MatMul", combine, y)  # [T, D]
-    return _function("SoftExperts", overload_name(activation, gated, has_b1, has_b2), inputs, out, b, opset)
+def optional_attr(name: str, default, doc: str) -> OpSchema.Attribute:
+    return OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), doc)
 
 
-FUNCTION_BUILDERS = {"GroupedFFN": grouped_ffn_function, "SoftExperts": soft_experts_function}
-# index of (b1, b2) among each op's inputs
-BIAS_INPUTS = {"GroupedFFN": (5, 7), "SoftExperts": (4, 6)}
+def expert_attrs() -> list[OpSchema.Attribute]:
+    return [
+        OpSchema.Attribute("activation", OpSchema.AttrType.STRING, "expert activation (moeify name)"),
+        OpSchema.Attribute("gated", OpSchema.AttrType.INT, "1: act(gate) * up with [gate; up] rows of w1"),
+    ]
+
+
+def expert_weights() -> list[OpSchema.FormalParameter]:
+    return [
+        param("w1", "T", "[E, H1, D] first projection (H1 = 2H when gated)"),
+        param("b1", "T", "[E, H1]", optional=True),
+        param("w2", "T", "[E, D, H] down projection"),
+        param("b2", "T", "[E, D]", optional=True),
+    ]
