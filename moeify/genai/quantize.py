@@ -5,8 +5,8 @@ Shape legend: E experts, N output rows of a projection, K input columns (the red
 For each expert, row and block of B consecutive input columns: scale = absmax / qmax with
 qmax = 2^(bits-1) - 1 (7 for int4, 127 for int8); the stored value is round(w / scale) + 2^(bits-1) (8 or
 128), an unsigned integer: 2^(bits-1) is QMoE's default zero point when no zero-point input is given. int4
-packs two values per byte, the first (even column) in the low nibble. Checked on onnxruntime 1.31's CPU provider against `dequantize`
-(see tests/genai/test_quantize.py).
+packs two values per byte, the first (even column) in the low nibble. Checked on onnxruntime 1.31's CPU
+provider against `dequantize` (see tests/genai/test_quantize.py).
 """
 
 from __future__ import annotations
