@@ -14,7 +14,7 @@ def test_export_int4_then_generate(run, tmp_path):
     moe = moeify.convert(tiny_llama_folder(dense), experts=4, k=1, init="copy")
     moeify.save(moe, tmp_path / "moe")
     result = run("export", tmp_path / "moe", "-o", tmp_path / "genai", "--genai", "--precision", "int4")
-    assert result.exit_code == 1 and "pass --tokenizer DIR" in result.output  # moeify folders hold no tokenizer
+    assert result.exit_code == 1 and "pass --tokenizer DIR" in result.output  # a moeify folder has none
     result = run("export", tmp_path / "moe", "-o", tmp_path / "genai", "--genai", "--precision", "int4",
                  "--tokenizer", dense)
     assert result.exit_code == 0, result.output
