@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "ConversionReport", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
-    "aux_loss", "conversion_report", "convert", "explain_ffns", "export_onnx", "find_ffns", "load",
-    "parallelize", "routing_stats", "save", "share_router",
+    "aux_loss", "conversion_report", "convert", "explain_ffns", "export_genai", "export_onnx", "find_ffns",
+    "load", "parallelize", "routing_stats", "save", "share_router",
 ]
 
 
@@ -29,4 +29,8 @@ def __getattr__(name):
         from moeify.lowering.export import export_onnx
 
         return export_onnx
+    if name == "export_genai":  # ONNX Runtime GenAI folders (the `genai` extra)
+        from moeify.genai import export_genai
+
+        return export_genai
     raise AttributeError(f"module 'moeify' has no attribute {name!r}")
