@@ -95,6 +95,23 @@ def test_trained_router_generates_like_transformers(dense, built, tmp_path, scor
     assert genai_greedy(out, prompt, TOTAL) == want
 
 
+def test_every_other_layer_keeps_its_dense_mlp(dense, built, tmp_path):
+    import onnx
+
+    model, _ = dense
+    moe = moeify.convert(model, experts=4, k=2, init="copy", every=2)  # layers 1 and 3
+    train_a_few_steps(moe)
+    out = moe_folder_from_dense(moe, built, tmp_path / "genai", precision="fp32")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert sorted(n.name for n in graph.node if n.op_type == "MoE") == ["/model/layers.1/moe/MoE",
+                                                                          "/model/layers.3/moe/MoE"]
+    assert {n.name.split("/")[2] for n in graph.node if "/mlp/" in n.name} == {"layers.0", "layers.2"}
+    prompt = prompt_ids(seed=5)
+    want = transformers_greedy(moe, prompt, TOTAL)
+    assert want != transformers_greedy(model, prompt, TOTAL)
+    assert genai_greedy(out, prompt, TOTAL) == want
+
+
 def test_hash_router_generates_like_transformers(dense, built, tmp_path):
     model, _ = dense
     moe = moeify.convert(model, experts=4, k=2, init="copy", router="hash")
