@@ -13,9 +13,9 @@ from moeify.passes.match import FFNMatch, Rejection
 from moeify.version import __version__ as __version__
 
 __all__ = [
-    "ConfigError", "ConversionReport", "ConvertConfig", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
-    "aux_loss", "conversion_report", "convert", "explain_ffns", "export_onnx", "find_ffns", "load",
-    "parallelize", "routing_stats", "save", "share_router",
+    "ConfigError", "ConversionReport", "ConvertConfig", "FFNMatch", "MoEConfig", "MoELayer", "Rejection",
+    "RoutingStats", "aux_loss", "conversion_report", "convert", "explain_ffns", "export_genai", "export_onnx",
+    "find_ffns", "load", "parallelize", "routing_stats", "save", "share_router",
 ]
 
 
@@ -30,4 +30,8 @@ def __getattr__(name):
         from moeify.lowering.export import export_onnx
 
         return export_onnx
+    if name == "export_genai":  # ONNX Runtime GenAI folders (the `genai` extra)
+        from moeify.genai import export_genai
+
+        return export_genai
     raise AttributeError(f"module 'moeify' has no attribute {name!r}")

@@ -71,11 +71,12 @@ def main() -> None:
 def _register() -> None:
     from moeify.cli.convert import convert
     from moeify.cli.demo import demo
+    from moeify.cli.generate import generate_command
     from moeify.cli.inspect import inspect
     from moeify.cli.onnx_commands import COMMANDS as ONNX_COMMANDS
     from moeify.cli.verify import verify
 
-    for command in (inspect, convert, verify, demo, *ONNX_COMMANDS):
+    for command in (inspect, convert, verify, demo, *ONNX_COMMANDS, generate_command):
         main.add_command(command)
 
 

@@ -150,8 +150,8 @@ def _session(model: str, threads: int | None, provider: str | None):
 
 @click.command("export")
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The .onnx file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="The .onnx file to write (with --genai: the folder).")
 @click.option("--target", type=click.Choice(["ort", "portable"]), default="ort", show_default=True,
               help="ort: ONNX Runtime's fused com.microsoft.MoE where it applies; "
                    "portable: standard ops only.")
@@ -165,15 +165,31 @@ def _session(model: str, threads: int | None, provider: str | None):
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a full pickled module (.pt from torch.save(model)); this runs code stored "
                    "in the file.")
+@click.option("--genai", is_flag=True,
+              help="Write an ONNX Runtime GenAI folder (KV cache, generation) instead.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32",
+              show_default=True, help="With --genai: fp16 (CUDA), or int8/int4 weights (QMoE experts).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="With --genai: the execution provider to build for.")
+@click.option("--tokenizer", type=click.Path(file_okay=False), help="With --genai: the folder with the "
+              "tokenizer files (default: MODEL when it has them).")
+@click.option("--force", is_flag=True, help="With --genai: replace an existing output folder.")
 @examples("""
 moeify export tiny_llama-moe8 -o tiny_llama-moe8.onnx
+moeify export moe -o moe-genai --genai --precision int4 --tokenizer HF_DIR
 moeify export tiny_llama-moe8 -o model.onnx --target portable --fp16
 moeify export mypkg.models:build -o model.onnx --input-spec x:2x16x512
 """)
 def export_command(model: str, output: str, target: str, input_specs: tuple[str, ...], fp16: bool,
-                   static: bool, arch: str | None, trust_pickle: bool) -> None:
+                   static: bool, arch: str | None, trust_pickle: bool, genai: bool, precision: str,
+                   provider: str, tokenizer: str | None, force: bool) -> None:
     """Export MODEL to ONNX: module:callable, a Hugging Face folder, a moeify folder or a weights file."""
     import torch
+
+    if genai:
+        from moeify.cli.genai_export import export_genai_command
+
+        return export_genai_command(model, output, precision, provider, tokenizer, arch, trust_pickle, force)
 
     from moeify.lowering.export import export_onnx
 

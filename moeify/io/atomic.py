@@ -50,7 +50,7 @@ def check_destination(out: Path, force: bool, inputs: Iterable[Path] = ()) -> No
 
 
 def _looks_like_output(path: Path) -> bool:
-    return (path / "moeify.json").exists() or (path / "config.json").exists()
+    return any((path / name).exists() for name in ("moeify.json", "config.json", "genai_config.json"))
 
 
 @contextmanager

@@ -72,7 +72,7 @@ def test_demo(run):
     assert ort_diff is not None and float(ort_diff.group(1)) < 1e-4
 
 
-@pytest.mark.parametrize("command", ["inspect", "convert", "verify", "demo", "export", "run", "bench"])
+@pytest.mark.parametrize("command", ["inspect", "convert", "verify", "demo", "export", "run", "bench", "generate"])
 def test_help_has_examples(run, command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Examples:" in result.stdout and f"moeify {command}" in result.stdout

@@ -1,0 +1,119 @@
+"""`export_genai`: a converted decoder as an ONNX Runtime GenAI folder (model.onnx + external data,
+genai_config.json, tokenizer files) that `onnxruntime_genai.Model(dir)` loads and generates with.
+
+The builder route: write the dense-equivalent skeleton (moeify.genai.skeleton), let ONNX Runtime GenAI's
+builder make its fast dense graph with the KV cache (moeify.genai.builder), then replace each MLP by the
+router and MoE/QMoE (moeify.genai.surgery). Everything happens in a temporary folder next to `out_dir`,
+renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+from torch import nn
+
+from moeify.errors import MoeifyError
+from moeify.genai.builder import check_target, require_genai, run_builder
+from moeify.genai.router_logits import router_logits
+from moeify.genai.skeleton import check_architecture, moe_sites, write_skeleton
+from moeify.genai.surgery import ExpertLayer, replace_mlps
+from moeify.io.atomic import atomic_output, check_destination
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def expert_layers(model: nn.Module, sites) -> list[ExpertLayer]:
+    """The surgery's view of each MoE layer (router plan checked against the router, fp32 weights)."""
+    vocab = model.config.vocab_size
+    return [
+        ExpertLayer(
+            index=s.index,
+            router=router_logits(s.layer, vocab, s.path),
+            k=s.layer.config.k,
+            w1=s.layer.w1.detach().float().numpy(),
+            w2=s.layer.w2.detach().float().numpy(),
+        )
+        for s in sites
+    ]
+
+
+def export_genai(
+    model: nn.Module,
+    out_dir,
+    *,
+    precision: str = "fp32",
+    provider: str = "cpu",
+    tokenizer_dir=None,
+    force: bool = False,
+) -> Path:
+    """Write `model` (a converted LLaMA/Mistral/Qwen2/Qwen3 causal LM) as a GenAI folder at `out_dir`.
+
+    Args:
+        precision: fp32 | fp16 (CUDA only) | int8 | int4; the dense parts follow the builder at that
+            precision, the experts are MoE (fp32/fp16) or block-quantised QMoE (int8/int4).
+        provider: cpu | cuda, the execution provider the folder is built for.
+        tokenizer_dir: the folder holding the source model's tokenizer files (required).
+        force: replace an existing `out_dir` that moeify wrote.
+
+    Raises MoeifyError (one line) for a model, router or option this route cannot take.
+    """
+    check_target(precision, provider)
+    require_genai()
+    check_architecture(model)
+    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
+        raise MoeifyError(
+            f"--genai needs the source model's tokenizer folder, got {tokenizer_dir!r}; pass "
+            "tokenizer_dir= (CLI: --tokenizer DIR)"
+        )
+    out = Path(out_dir)
+    check_destination(out, force)  # before the slow part
+    with _eval_mode(model):
+        sites = moe_sites(model)
+        expert_layers(model, sites)  # refusals happen here, before the slow builder
+        with tempfile.TemporaryDirectory(prefix="moeify-genai-") as scratch:
+            scratch = Path(scratch)
+            write_skeleton(model, sites, scratch / "hf", Path(tokenizer_dir))
+            run_builder(scratch / "hf", scratch / "built", precision, provider, scratch / "cache")
+            return moe_folder_from_dense(model, scratch / "built", out, precision=precision, force=force)
+
+
+def moe_folder_from_dense(
+    model: nn.Module, dense_dir, out_dir, *, precision: str, force: bool = False
+) -> Path:
+    """The MoE GenAI folder of `model` from `dense_dir`, the builder's folder for its dense skeleton (or for
+    any model with the same non-MLP weights and shapes) at `precision`."""
+    out = Path(out_dir)
+    with _eval_mode(model):
+        layers = expert_layers(model, moe_sites(model))
+        with atomic_output(out, directory=True, force=force) as tmp:
+            tmp.mkdir(parents=True, exist_ok=True)
+            graph = replace_mlps(onnx.load(str(Path(dense_dir) / MODEL_FILE)), layers, precision)
+            onnx.save(
+                graph,
+                str(tmp / MODEL_FILE),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=DATA_FILE,
+                size_threshold=1024,
+            )
+            for item in Path(dense_dir).iterdir():
+                if item.name not in (MODEL_FILE, DATA_FILE) and item.is_file():
+                    shutil.copyfile(item, tmp / item.name)
+    return out
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """The routers are read in eval mode (no jitter); the caller's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

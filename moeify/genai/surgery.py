@@ -1,0 +1,195 @@
+"""Swap the builder's dense MLPs for router + `com.microsoft.MoE` (fp32/fp16) or `com.microsoft.QMoE`
+(int8/int4).
+
+Shape legend: B batch, S new positions, D model width, H expert width, E experts, V vocabulary.
+
+The builder names each LLaMA-style MLP's nodes `/model/layers.N/mlp/...` (gate/up/down MatMul or
+MatMulNBits, the SiLU as Sigmoid + Mul, the gate Mul); they read one tensor (the post-attention norm's
+output, x [B, S, D]) and one tensor leaves them (the down projection's output). We delete those nodes and
+their now unused weights and write, under the same output name so the residual add downstream is untouched:
+
+    logits [B, S, E] = MatMul(x, W_r) | Log(Sigmoid(MatMul(x, W_r))) | Gather(table, input_ids)
+    probs  [B*S, E]  = Reshape(logits, [-1, E])
+    out    [B, S, D] = MoE(x, probs, fc1 [E, 2H, D], -, fc2 [E, D, H])                          (fp32/fp16)
+                     | QMoE(x, probs, fc1_q, fc1_scales, -, fc2_q, fc2_scales)                  (int8/int4)
+
+fc1 interleaves moeify's [gate; up] rows (row 2i gate_i, row 2i+1 up_i: swiglu_fusion=1, the only layout
+the CPU kernel takes); SwiGLU is the op's swiglu with alpha=1, beta=0 and no clamp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from moeify.errors import MoeifyError
+from moeify.genai.quantize import BITS, block_size_for, quantize
+from moeify.genai.router_logits import RouterLogits
+
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """What surgery needs of one MoE layer: decoder index, routing, k and the expert weights
+    (w1 [E, 2H, D] rows [gate; up], w2 [E, D, H], float32)."""
+
+    index: int
+    router: RouterLogits
+    k: int
+    w1: np.ndarray
+    w2: np.ndarray
+
+
+def interleave_gate_up(w1: np.ndarray) -> np.ndarray:
+    """[E, 2H, D] with rows [gate; up] -> [E, 2H, D] with rows gate_0, up_0, gate_1, up_1, ..."""
+    E, H2, D = w1.shape
+    return np.ascontiguousarray(w1.reshape(E, 2, H2 // 2, D).transpose(0, 2, 1, 3).reshape(E, H2, D))
+
+
+class Graph:
+    """A model's graph with the lookups surgery needs (producers, consumers, initializers by name)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.initializers = {t.name: t for t in self.graph.initializer}
+
+    def mlp_nodes(self, index: int) -> list[onnx.NodeProto]:
+        prefix = f"/model/layers.{index}/mlp/"
+        return [n for n in self.graph.node if n.name.startswith(prefix)]
+
+    def boundary(self, nodes: list[onnx.NodeProto], index: int) -> tuple[str, str]:
+        """(the one activation the nodes read from outside, the one tensor they produce for outside)."""
+        inside = {o for n in nodes for o in n.output}
+        names = {n.name for n in nodes}
+        reads = {i for n in nodes for i in n.input if i and i not in inside and i not in self.initializers}
+        used_outside = {i for n in self.graph.node if n.name not in names for i in n.input}
+        used_outside |= {o.name for o in self.graph.output}
+        leaves = {o for o in inside if o in used_outside}
+        if len(reads) != 1 or len(leaves) != 1:
+            raise MoeifyError(
+                f"--genai: the builder's MLP of layer {index} reads {sorted(reads)} and gives "
+                f"{sorted(leaves)}; expected one input and one output (an unknown builder "
+                "version?)"
+            )
+        return reads.pop(), leaves.pop()
+
+    def elem_type(self, x: str) -> int:
+        """The element type of activation `x`: that of the weight of the norm node producing it."""
+        for node in self.graph.node:
+            if x in node.output:
+                for name in node.input:
+                    if name in self.initializers:
+                        return self.initializers[name].data_type
+        raise MoeifyError(f"--genai: cannot tell the dtype of {x} in the builder's graph")
+
+    def remove(self, nodes: list[onnx.NodeProto]) -> None:
+        gone = {id(n) for n in nodes}
+        kept = [n for n in self.graph.node if id(n) not in gone]
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
+        used = {i for n in kept for i in n.input}
+        for name in [t.name for t in self.graph.initializer if t.name not in used]:
+            self.graph.initializer.remove(self.initializers.pop(name))
+
+    def add_initializer(self, name: str, array: np.ndarray) -> str:
+        if name not in self.initializers:
+            tensor = numpy_helper.from_array(array, name)
+            self.graph.initializer.append(tensor)
+            self.initializers[name] = tensor
+        return name
+
+
+def replace_mlps(model: onnx.ModelProto, layers: list[ExpertLayer], precision: str) -> onnx.ModelProto:
+    """Replace the MLP of each of `layers` in the builder's `model` (in place); returns it."""
+    g = Graph(model)
+    for layer in layers:
+        nodes = g.mlp_nodes(layer.index)
+        if not nodes:
+            raise MoeifyError(f"--genai: no /model/layers.{layer.index}/mlp/ nodes in the builder's graph")
+        x, out = g.boundary(nodes, layer.index)
+        dtype = helper.tensor_dtype_to_np_dtype(g.elem_type(x))
+        insert_at = min(i for i, n in enumerate(g.graph.node) if n.name in {m.name for m in nodes})
+        g.remove(nodes)
+        new = _router_nodes(g, layer, x, dtype) + [_experts_node(g, layer, x, out, dtype, precision)]
+        for offset, node in enumerate(new):
+            g.graph.node.insert(insert_at + offset, node)
+    if not any(op.domain == MS for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
+    return model
+
+
+def _router_nodes(g: Graph, layer: ExpertLayer, x: str, dtype) -> list[onnx.NodeProto]:
+    p = f"/model/layers.{layer.index}/moe/router"
+    E = layer.w1.shape[0]
+    plan = layer.router
+    if plan.kind == "token_table":  # layers with the same rule share one table
+        digest = hashlib.sha1(plan.array.tobytes()).hexdigest()[:12]
+        table = g.add_initializer(f"moeify.router_table.{digest}", plan.array.astype(dtype))
+        nodes = [helper.make_node("Gather", [table, "input_ids"], [f"{p}/logits"], name=f"{p}/Gather")]
+    else:
+        weight = g.add_initializer(f"model.layers.{layer.index}.moe.router.weight", plan.array.astype(dtype))
+        nodes = [helper.make_node("MatMul", [x, weight], [f"{p}/MatMul/output_0"], name=f"{p}/MatMul")]
+        if plan.kind == "log_sigmoid":
+            nodes += [
+                helper.make_node(
+                    "Sigmoid", [f"{p}/MatMul/output_0"], [f"{p}/Sigmoid/output_0"], name=f"{p}/Sigmoid"
+                ),
+                helper.make_node("Log", [f"{p}/Sigmoid/output_0"], [f"{p}/logits"], name=f"{p}/Log"),
+            ]
+        else:
+            nodes[0].output[0] = f"{p}/logits"
+    shape = g.add_initializer(f"moeify.router_shape.{E}", np.array([-1, E], dtype=np.int64))
+    nodes.append(helper.make_node("Reshape", [f"{p}/logits", shape], [f"{p}/probs"], name=f"{p}/Reshape"))
+    return nodes
+
+
+def _experts_node(g: Graph, layer: ExpertLayer, x: str, out: str, dtype, precision: str) -> onnx.NodeProto:
+    p = f"/model/layers.{layer.index}/moe"
+    w = f"model.layers.{layer.index}.moe.experts"
+    fc1 = interleave_gate_up(layer.w1)  # [E, 2H, D]
+    attrs = dict(
+        k=layer.k,
+        activation_type="swiglu",
+        normalize_routing_weights=1,
+        swiglu_fusion=1,
+        activation_alpha=1.0,
+        activation_beta=0.0,
+    )
+    if precision not in BITS:
+        inputs = [
+            x,
+            f"{p}/router/probs",
+            g.add_initializer(f"{w}.fc1", fc1.astype(dtype)),
+            "",
+            g.add_initializer(f"{w}.fc2", layer.w2.astype(dtype)),
+        ]
+        return helper.make_node("MoE", inputs, [out], name=f"{p}/MoE", domain=MS, **attrs)
+    E, H2, D = fc1.shape
+    block = block_size_for(D, H2 // 2)
+    q1 = quantize(fc1, BITS[precision], block)
+    q2 = quantize(layer.w2, BITS[precision], block)
+    inputs = [
+        x,
+        f"{p}/router/probs",
+        g.add_initializer(f"{w}.fc1.q", q1.packed),
+        g.add_initializer(f"{w}.fc1.scales", q1.scales.astype(dtype)),
+        "",
+        g.add_initializer(f"{w}.fc2.q", q2.packed),
+        g.add_initializer(f"{w}.fc2.scales", q2.scales.astype(dtype)),
+    ]
+    return helper.make_node(
+        "QMoE",
+        inputs,
+        [out],
+        name=f"{p}/QMoE",
+        domain=MS,
+        expert_weight_bits=BITS[precision],
+        block_size=block,
+        **attrs,
+    )

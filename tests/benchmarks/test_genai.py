@@ -1,0 +1,19 @@
+"""Smoke test of benchmarks/genai.py: --quick runs end to end and prints every row (nothing about speed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.ort
+def test_genai_benchmark_quick_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "genai.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("dense", "E=8 k=1", "E=8 k=2", "fp32", "int4", "prefill ms", "decode tok/s", "greedy = fp32"):
+        assert row in proc.stdout

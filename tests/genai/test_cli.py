@@ -1,0 +1,35 @@
+"""`moeify export --genai` at int4 and `moeify generate` from the shell."""
+
+import onnx
+import pytest
+
+import moeify
+from tests.genai.tiny import tiny_llama_folder
+
+pytestmark = [pytest.mark.slow, pytest.mark.ort]
+
+
+def test_export_int4_then_generate(run, tmp_path):
+    dense = tmp_path / "dense"
+    moe = moeify.convert(tiny_llama_folder(dense), experts=4, k=1, init="copy")
+    moeify.save(moe, tmp_path / "moe")
+    result = run("export", tmp_path / "moe", "-o", tmp_path / "genai", "--genai", "--precision", "int4")
+    assert result.exit_code == 1 and "pass --tokenizer DIR" in result.output  # a moeify folder has none
+    result = run("export", tmp_path / "moe", "-o", tmp_path / "genai", "--genai", "--precision", "int4",
+                 "--tokenizer", dense)
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(tmp_path / "genai" / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QMoE") == 4 and "MatMulNBits" in ops and "MoE" not in ops
+    result = run("generate", tmp_path / "genai", "--prompt", "def main():", "--max-new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("def main():") and "prefill" in result.output and "tok/s (8 tokens)" in (
+        result.output)
+    result = run("generate", tmp_path / "genai", "--prompt", "x", "--max-new-tokens", "4", "--sample",
+                 "--temperature", "0.7")
+    assert result.exit_code == 0 and "(4 tokens)" in result.output
+
+
+def test_generate_refuses_a_folder_that_is_not_genai(run, tmp_path):
+    result = run("generate", tmp_path, "--prompt", "hi")
+    assert result.exit_code == 1 and "not an ONNX Runtime GenAI folder" in result.output
