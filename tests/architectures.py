@@ -273,6 +273,8 @@ _T5 = ("encoder.block.{}.layer.1.DenseReluDense", "decoder.block.{}.layer.2.Dens
 EXPECTED: dict[str, Found] = {
     **{n: Found(("model.layers.{}.mlp",), "silu", True)
        for n in ("mistral", "qwen2", "qwen3", "phi3", "olmo", "granite", "stablelm")},
+    # squared ReLU (transformers' ReLUSquaredActivation), a named activation since issue 13
+    **{n: Found(("model.layers.{}.mlp",), "relu2", False) for n in ("nemotron", "arcee")},
     "gemma": Found(("model.layers.{}.mlp",), "gelu_tanh", True),
     "gemma2": Found(("model.layers.{}.mlp",), "gelu_tanh", True),
     "phi": Found(("model.layers.{}.mlp",), "gelu_tanh", False),
@@ -283,7 +285,7 @@ EXPECTED: dict[str, Found] = {
     "bloom": Found(("transformer.h.{}.mlp",), "gelu_tanh", False),
     "opt": Found(("model.decoder.layers.{}",), "relu", False),
     "roberta": Found(("roberta.encoder.layer.{}",), "gelu", False,
-                     near_misses=(("classifier", "activation tanh is not supported"),)),
+                     near_misses=(("classifier", "not back to the input width"),)),
     "electra": Found(("electra.encoder.layer.{}",), "gelu", False,
                      near_misses=(("discriminator_predictions", "not back to the input width"),)),
     "deberta_v2": Found(("deberta.encoder.layer.{}",), "gelu", False),
@@ -307,9 +309,6 @@ EXPECTED: dict[str, Found] = {
 # Architectures where moeify converts nothing today, with words every rejection's reason must contain
 # (None: nothing there looks like a dense FFN, so there is nothing to explain).
 REJECTED: dict[str, str | None] = {
-    # squared ReLU is not a named activation yet (issue 13, point 6 lifts this: then move them to EXPECTED)
-    "nemotron": "activation ReLUSquaredActivation is not supported",
-    "arcee": "activation ReLUSquaredActivation is not supported",
     # already an MoE: its experts are stacked parameter tensors, not linear layers
     "mixtral": None,
 }
