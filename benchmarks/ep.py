@@ -2,6 +2,7 @@
 
     python benchmarks/ep.py            # spawns the worker processes itself
     python benchmarks/ep.py --quick
+    python benchmarks/ep.py --traffic  # only the traffic table (bytes and messages do not depend on load)
 
 Every process trains one MoE layer on its own batch of T tokens (forward + backward + SGD step), one
 intra-op thread per process, so 2 processes use 2 cores. Rows:
@@ -111,6 +112,7 @@ def run(world: int, mode: str, args: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--traffic", action="store_true", help="only the traffic table")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved repetitions (default 3, quick 1)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -123,6 +125,9 @@ def main() -> None:
         dict(t=2048, d=256, h=512, e=8, warmup=3, steps=15)
     print(f"MoE layer d_model={args['d']} d_ff={args['h']} experts={args['e']} k=2 (SwiGLU), "
           f"{args['t']} tokens per process per step, fwd+bwd+SGD, 1 thread per process, gloo")
+    if a.traffic:
+        print_traffic(args)
+        return
     rounds = a.rounds or (1 if a.quick else 3)
     configs = (("local, 1 process", 1, "local"), ("EP, 1 process", 1, "ep"), ("EP, 2 processes", 2, "ep"))
     results = {label: [] for label, _, _ in configs}

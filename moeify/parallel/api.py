@@ -8,14 +8,10 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from moeify.parallel.comm import CommTimer
 from moeify.parallel.errors import ParallelError
-from moeify.parallel.group import resolve_group
+from moeify.parallel.group import resolve_layout
 from moeify.parallel.shard import expert_parameters, shard_experts
 
 DP_MODES = ("ddp", "fsdp", None)
-
-
-def _group_ranks(group) -> list[int]:
-    return sorted(dist.get_process_group_ranks(group))
 
 
 def parallelize(model: nn.Module, ep_group=None, dp_mesh: DeviceMesh | None = None, dp: str | None = "ddp",
@@ -53,13 +49,7 @@ def parallelize(model: nn.Module, ep_group=None, dp_mesh: DeviceMesh | None = No
     """
     if dp not in DP_MODES:
         raise ParallelError(f"unknown dp {dp!r}; valid: 'ddp', 'fsdp', None")
-    if ep_mesh is not None and ep_group is not None:
-        raise ParallelError("pass either ep_group or ep_mesh to parallelize, not both")
-    if bilevel and ep_mesh is None:
-        raise ParallelError("bilevel=True needs ep_mesh, a mesh named ('node', 'local')")
-    if ep_mesh is None:
-        ep_group = resolve_group(ep_group)
-    ranks = sorted(ep_mesh.mesh.flatten().tolist()) if ep_mesh is not None else _group_ranks(ep_group)
+    ep_group, ranks = resolve_layout(ep_group, ep_mesh, bilevel)
     if dp_mesh is not None:
         if dp_mesh.ndim != 1 or sorted(dp_mesh.mesh.flatten().tolist()) != ranks:
             raise ParallelError(

@@ -32,7 +32,6 @@ class Received:
     row: Tensor  # [S_r] int64: the received row each assignment reads
     payload: Tensor  # [S_r] int64: the sender's payload per assignment
     weight: Tensor  # [S_r] routing weight per assignment
-    source: Tensor  # [S_r] int64: the group rank each assignment came from
 
 
 @dataclass
@@ -87,7 +86,7 @@ def dispatch(x: Tensor, row: Tensor, dest: Tensor, payload: Tensor, weight: Tens
     x_recv = all_to_all(x[sent_row], recv_splits, send_splits, group, timer)  # [U_r, D]
     meta = exchange(torch.stack([slot_in_chunk, payload], 1), asg_recv, asg_send, group, timer)  # [S_r, 2]
     w_recv = all_to_all(weight, asg_recv, asg_send, group, timer)  # [S_r]
-    source = torch.repeat_interleave(torch.arange(world, device=dev), asg_from)  # [S_r]
+    source = torch.repeat_interleave(torch.arange(world, device=dev), asg_from)  # [S_r] sending rank
     recv_row = meta[:, 0] + _offsets(rows_from)[source]  # [S_r] index into x_recv
-    received = Received(x=x_recv, row=recv_row, payload=meta[:, 1], weight=w_recv, source=source)
+    received = Received(x=x_recv, row=recv_row, payload=meta[:, 1], weight=w_recv)
     return received, Hop(sent_row, send_splits, recv_splits, N, group, timer)

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from moeify.parallel.comm import CommTimer
 from moeify.parallel.errors import ParallelError
 from moeify.parallel.expert import EXPERT_PARAMS, ExpertParallel, check_divisible
-from moeify.parallel.group import resolve_group
+from moeify.parallel.group import resolve_layout
 
 DP_DIM = "dp"  # the mesh dimension expert shards are replicated over
 
@@ -76,14 +76,7 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0, timer: 
     expert-parallel rank r keeps experts [r*E/P, (r+1)*E/P). Raises `ParallelError` when an expert count
     is not divisible by P, for a mesh it cannot read, or when there is no MoE layer.
     """
-    if mesh is not None and group is not None:
-        raise ParallelError("pass either group or mesh to shard_experts, not both")
-    if bilevel and mesh is None:
-        raise ParallelError("bilevel=True needs a 2-D mesh named ('node', 'local'); pass mesh=")
-    if mesh is None:
-        group = resolve_group(group)
-    else:
-        resolve_group()
+    group, _ = resolve_layout(group, mesh, bilevel)
     layers = moe_layers(model)
     if not layers:
         raise ParallelError("the model has no MoELayer to shard; convert it to MoE first")

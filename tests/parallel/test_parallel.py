@@ -172,22 +172,45 @@ def check_parallelize(rank: int, dp: str) -> None:
         raise AssertionError(f"clip_grad_norm_ {float(norm)} vs single-process {float(want_norm)}")
 
 
-def check_checkpoint_save(rank: int, outdir: Path) -> None:
-    """2 ranks train a step, save with DCP; the test process loads it into one plain model."""
-    from moeify.parallel import parallelize, save_checkpoint
+def step_and_save(par: nn.Module, rank: int, outdir: Path, name: str) -> tuple[torch.Tensor, dict]:
+    """Train the DDP-wrapped parallel model one AdamW step, save it to outdir/name with DCP, and (rank 0)
+    what a load must reproduce to outdir/name.pt; returns the probe output and the full parameters."""
+    from moeify.parallel import save_checkpoint
 
-    par = parallelize(Tiny(), dp="ddp")
     opt = torch.optim.AdamW(par.parameters(), lr=1e-2)
     x, cot = rank_data(rank)
     ((par(x) * cot).sum() + moeify.aux_loss(par)).backward()
     opt.step()
-    save_checkpoint(par, outdir / "ckpt2", optimizer=opt)
+    save_checkpoint(par, outdir / name, optimizer=opt)
     with torch.no_grad():
         out = par(probe())
     state = {n: _full(p.detach()) for n, p in par.module.named_parameters()}  # collectives on all ranks
     exp_avg = {n: _full(opt.state[p]["exp_avg"]) for n, p in par.module.named_parameters()}
     if rank == 0:
-        torch.save({"out": out, "state": state, "exp_avg": exp_avg}, outdir / "expected2.pt")
+        torch.save({"out": out, "state": state, "exp_avg": exp_avg}, outdir / f"{name}.pt")
+    return out, state
+
+
+def check_loads_in_one_process(outdir: Path, name: str) -> None:
+    """Test side: the checkpoint `step_and_save` wrote loads into one plain model, optimizer included."""
+    from moeify.parallel import load_checkpoint
+
+    expected = torch.load(outdir / f"{name}.pt", weights_only=True)
+    model = Tiny(seed=99)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_checkpoint(model, outdir / name, optimizer=opt)
+    for pname, p in model.named_parameters():
+        assert max_diff(p, expected["state"][pname]) == 0, pname
+        assert max_diff(opt.state[p]["exp_avg"], expected["exp_avg"][pname]) == 0, pname
+    with torch.no_grad():
+        assert max_diff(model(probe()), expected["out"]) <= TOL
+
+
+def check_checkpoint_save(rank: int, outdir: Path) -> None:
+    """2 ranks train a step, save with DCP; the test process loads it into one plain model."""
+    from moeify.parallel import parallelize
+
+    step_and_save(parallelize(Tiny(), dp="ddp"), rank, outdir, "ckpt2")
 
 
 def check_checkpoint_load(rank: int, outdir: Path) -> None:
@@ -264,19 +287,8 @@ def test_parallelize_gradients_match_single_process(ep_run, dp):
 
 
 def test_checkpoint_two_ranks_to_one_process(ep_run):
-    from moeify.parallel import load_checkpoint
-
     _verdict(ep_run, "checkpoint_save")
-    outdir = ep_run[0]
-    expected = torch.load(outdir / "expected2.pt", weights_only=True)
-    model = Tiny(seed=99)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    load_checkpoint(model, outdir / "ckpt2", optimizer=opt)
-    for name, p in model.named_parameters():
-        assert max_diff(p, expected["state"][name]) == 0, name
-        assert max_diff(opt.state[p]["exp_avg"], expected["exp_avg"][name]) == 0, name
-    with torch.no_grad():
-        assert max_diff(model(probe()), expected["out"]) <= TOL
+    check_loads_in_one_process(ep_run[0], "ckpt2")
 
 
 def test_checkpoint_one_process_to_two_ranks(ep_run):
