@@ -21,6 +21,7 @@ from moeify.parallel.group import resolve_layout
 
 DP_DIM = "dp"  # the mesh dimension expert shards are replicated over
 
+
 def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from moeify.layer import MoELayer
 

@@ -66,8 +66,9 @@ def reference(model: nn.Module, rank: int) -> tuple[torch.Tensor, dict[str, torc
     return mine, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def check_mesh(rank: int, mesh_shape: tuple, names: tuple, kind: str = "topk", num_experts: int = 4) -> None:
-    """parallelize over `ep_mesh` + DDP: outputs and every gradient equal one process's."""
+def check_mesh(rank: int, mesh_shape: tuple, names: tuple, kind: str = "topk", num_experts: int = 4,
+               dp: str = "ddp") -> None:
+    """parallelize over `ep_mesh` + DDP/FSDP2: outputs and every gradient equal one process's."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from moeify.parallel import CommTimer, clip_grad_norm_, parallelize
@@ -76,16 +77,17 @@ def check_mesh(rank: int, mesh_shape: tuple, names: tuple, kind: str = "topk", n
     want_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want.values()]))
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     timer = CommTimer(node_of=lambda r: r // mesh_shape[1])
-    par = parallelize(tiny(kind, num_experts), ep_mesh=mesh, bilevel="node" in names, timer=timer)
+    par = parallelize(tiny(kind, num_experts), ep_mesh=mesh, bilevel="node" in names, timer=timer, dp=dp)
+    inner = par.module if dp == "ddp" else par
     x, cot = rank_data(rank)
     out = par(x)
     if "node" in names and kind == "topk":
-        check_bilevel_traffic(par.module, x, mesh["node"].get_local_rank(), timer)
+        check_bilevel_traffic(inner, x, mesh["node"].get_local_rank(), timer)
     ((out * cot).sum() + moeify.aux_loss(par)).backward()
     _check_close(f"output ({kind}, {names})", out, want_out)
-    for name, p in par.module.named_parameters():
-        _check_close(f"{name} grad ({kind}, {names})", _full(p.grad), want[name])
-    load = par.module.moe.expert_parallel.last_local_load
+    for name, p in inner.named_parameters():
+        _check_close(f"{name} grad ({kind}, {names}, {dp})", _full(p.grad), want[name])
+    load = inner.moe.expert_parallel.last_local_load
     if kind == "skewed" and mesh["ep"].get_local_rank() == 1 and int(load.sum()) != 0:
         raise AssertionError(f"skewed routing: expert-parallel rank 1 computed {load.tolist()}")
     norm = clip_grad_norm_(par.parameters(), max_norm=1e9)
@@ -151,6 +153,7 @@ def worker(rank: int, outdir: Path) -> None:
         "dp_ep": lambda: check_mesh(rank, (2, 2), dp_ep),
         "dp_ep_skewed": lambda: check_mesh(rank, (2, 2), dp_ep, "skewed"),
         "dp_ep_soft": lambda: check_mesh(rank, (2, 2), dp_ep, "soft"),
+        "dp_ep_fsdp": lambda: check_mesh(rank, (2, 2), dp_ep, dp="fsdp"),
         "bilevel": lambda: check_mesh(rank, (2, 2), node_local, num_experts=8),
         "bilevel_soft": lambda: check_mesh(rank, (2, 2), node_local, "soft"),
         "checkpoint_save": lambda: check_checkpoint_save(rank, outdir),
@@ -167,7 +170,7 @@ def mesh_run(tmp_path_factory):
     return outdir, results, logs
 
 
-@pytest.mark.parametrize("check", ["dp_ep", "dp_ep_skewed", "dp_ep_soft"])
+@pytest.mark.parametrize("check", ["dp_ep", "dp_ep_skewed", "dp_ep_soft", "dp_ep_fsdp"])
 def test_ep_x_dp_matches_single_process(mesh_run, check):
     verdict(mesh_run[1], mesh_run[2], check)
 
