@@ -28,8 +28,13 @@ def init_group(rank: int, world: int, outdir: Path) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{outdir / 'store'}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{outdir / 'store'}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
 
 
 def run_checks(rank: int, outdir: Path, checks: dict[str, Callable[[], None]]) -> None:
@@ -62,8 +67,13 @@ def spawn(script: str, world: int, outdir: Path) -> tuple[list[dict], list[str]]
     if "GLOO_SOCKET_IFNAME" not in env and sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: no dependence on the host's name resolving
     procs = [
-        subprocess.Popen([sys.executable, script, str(r), str(outdir)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, script, str(r), str(outdir)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(world)
     ]
     logs = []

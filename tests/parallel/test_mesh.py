@@ -41,8 +41,16 @@ def tiny(kind: str = "topk", num_experts: int = 4) -> nn.Module:
     """`Tiny` with a top-k router, a router skewed onto experts 0 and 1, or the soft router."""
     model = Tiny(num_experts=num_experts)
     if kind == "soft":
-        cfg = MoEConfig(d_model=D, d_ff=H, num_experts=num_experts, router="soft", slots_per_expert=3,
-                        activation="silu", gated=True, bias=True)
+        cfg = MoEConfig(
+            d_model=D,
+            d_ff=H,
+            num_experts=num_experts,
+            router="soft",
+            slots_per_expert=3,
+            activation="silu",
+            gated=True,
+            bias=True,
+        )
         torch.manual_seed(1)
         model.moe = MoELayer(cfg)
     elif kind == "skewed":  # every token scores experts 0/1 (expert-parallel rank 0's) highest
@@ -66,8 +74,9 @@ def reference(model: nn.Module, rank: int) -> tuple[torch.Tensor, dict[str, torc
     return mine, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def check_mesh(rank: int, mesh_shape: tuple, names: tuple, kind: str = "topk", num_experts: int = 4,
-               dp: str = "ddp") -> None:
+def check_mesh(
+    rank: int, mesh_shape: tuple, names: tuple, kind: str = "topk", num_experts: int = 4, dp: str = "ddp"
+) -> None:
     """parallelize over `ep_mesh` + DDP/FSDP2: outputs and every gradient equal one process's."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -104,8 +113,10 @@ def check_bilevel_traffic(model: nn.Module, x: torch.Tensor, node: int, timer) -
     want_rows = routing.token_idx[routing.expert_idx // half == other].unique().numel()
     sent = model.moe.expert_parallel.last_sent.tolist()  # rows to each node
     if sent[other] != want_rows or timer.node_messages != 5:
-        raise AssertionError(f"sent {sent[other]} rows to node {other} for {want_rows} tokens with experts "
-                             f"there, in {timer.node_messages} cross-node messages")
+        raise AssertionError(
+            f"sent {sent[other]} rows to node {other} for {want_rows} tokens with experts "
+            f"there, in {timer.node_messages} cross-node messages"
+        )
 
 
 def check_checkpoint_save(rank: int, outdir: Path) -> None:
@@ -122,8 +133,11 @@ def check_checkpoint_save(rank: int, outdir: Path) -> None:
     load_checkpoint(other, outdir / "ckpt_mesh")
     with torch.no_grad():
         _check_close("output after DP2 x EP2 -> bi-level 2 x 2 load", other(probe()), out)
-    _check_close("w1 shard after DP2 x EP2 -> bi-level 2 x 2 load", other.module.moe.w1.to_local(),
-                 state["moe.w1"][rank : rank + 1])
+    _check_close(
+        "w1 shard after DP2 x EP2 -> bi-level 2 x 2 load",
+        other.module.moe.w1.to_local(),
+        state["moe.w1"][rank : rank + 1],
+    )
 
 
 def check_mesh_errors(rank: int) -> None:
