@@ -1,7 +1,8 @@
-"""Expert-parallel throughput on CPU: 1 process vs 2 processes (gloo), with the all-to-all share.
+"""Expert-parallel throughput on CPU: 1 process vs 2 processes (gloo), with the all-to-all share; traffic.
 
     python benchmarks/ep.py            # spawns the worker processes itself
     python benchmarks/ep.py --quick
+    python benchmarks/ep.py --traffic  # only the traffic table (bytes and messages do not depend on load)
 
 Every process trains one MoE layer on its own batch of T tokens (forward + backward + SGD step), one
 intra-op thread per process, so 2 processes use 2 cores. Rows:
@@ -12,6 +13,13 @@ Step time is the median over the timed steps of the slowest rank's step, then th
 (the configurations run interleaved, round after round, so a busy machine slows them alike); "all-to-all"
 is the wall time spent inside the exchanges (counts, dispatch, combine; forward and backward), waiting
 for the other rank included, as a share of the step.
+
+The traffic table counts what one training step (forward + backward, same batches) sends between ranks,
+summed over ranks: bytes and messages (non-empty sends, every exchange including the counts). On 4
+processes laid out as 2 "nodes" x 2, it also counts what crosses the node boundary:
+  per assignment   a token row is sent once per expert assignment (what deduplication replaces)
+  dedupe           once per destination rank (the default)
+  bi-level         once per destination node, then once per rank inside it (SMILE; dedupe at both stages)
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ import time
 from pathlib import Path
 
 import torch
+
+LOCAL = 2  # ranks per "node" in the traffic table
+TRAFFIC_MODES = ("per-assignment", "dedupe", "bilevel")
 
 
 def worker(rank: int, world: int, mode: str, store: str, args: dict) -> dict:
@@ -44,12 +55,22 @@ def worker(rank: int, world: int, mode: str, store: str, args: dict) -> dict:
                            gated=True)
     torch.manual_seed(0)
     layer = moeify.MoELayer(cfg)
-    timer = CommTimer()
+    timer = CommTimer(node_of=lambda r: r // LOCAL)
     if mode == "ep":
         shard_experts(layer, timer=timer, grad_scale=1.0 / world)
+    elif mode in TRAFFIC_MODES:
+        mesh = None
+        if mode == "bilevel":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world // LOCAL, LOCAL), mesh_dim_names=("node", "local"))
+        shard_experts(layer, timer=timer, grad_scale=1.0 / world, mesh=mesh, bilevel=mesh is not None,
+                      dedupe=mode != "per-assignment")
+        args = dict(args, warmup=0, steps=1)
     opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
     x = torch.randn(args["t"], args["d"], generator=torch.Generator().manual_seed(rank))  # [T, D]
     steps, comm = [], []
+    traffic = torch.zeros(4, dtype=torch.float64)
     for i in range(args["warmup"] + args["steps"]):
         dist.barrier()
         timer.reset()
@@ -63,8 +84,12 @@ def worker(rank: int, world: int, mode: str, store: str, args: dict) -> dict:
         if i >= args["warmup"]:
             steps.append(float(elapsed[0]))
             comm.append(float(elapsed[1]))
+            traffic = torch.tensor([timer.bytes, timer.messages, timer.node_bytes, timer.node_messages],
+                                   dtype=torch.float64)
+    dist.all_reduce(traffic)  # summed over ranks (last step)
     dist.destroy_process_group()
-    return {"step_s": statistics.median(steps), "comm_s": statistics.median(comm)}
+    return {"step_s": statistics.median(steps), "comm_s": statistics.median(comm),
+            "traffic": [int(v) for v in traffic.tolist()]}
 
 
 def run(world: int, mode: str, args: dict) -> dict:
@@ -87,6 +112,7 @@ def run(world: int, mode: str, args: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--traffic", action="store_true", help="only the traffic table")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved repetitions (default 3, quick 1)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -99,6 +125,9 @@ def main() -> None:
         dict(t=2048, d=256, h=512, e=8, warmup=3, steps=15)
     print(f"MoE layer d_model={args['d']} d_ff={args['h']} experts={args['e']} k=2 (SwiGLU), "
           f"{args['t']} tokens per process per step, fwd+bwd+SGD, 1 thread per process, gloo")
+    if a.traffic:
+        print_traffic(args)
+        return
     rounds = a.rounds or (1 if a.quick else 3)
     configs = (("local, 1 process", 1, "local"), ("EP, 1 process", 1, "ep"), ("EP, 2 processes", 2, "ep"))
     results = {label: [] for label, _, _ in configs}
@@ -119,6 +148,22 @@ def main() -> None:
         share = r["comm_s"] / r["step_s"]
         print(f"{label:<20}{tokens:>12}{r['step_s'] * 1e3:>10.1f}{tps:>11.0f}{tps / base:>9.2f}x"
               f"{share:>11.1%}", flush=True)
+    print_traffic(args)
+
+
+def print_traffic(args: dict) -> None:
+    """Bytes and messages of one step (forward + backward), summed over ranks; the node columns count
+    what crosses between the 2 'nodes' of the 4-process layout."""
+    print(f"\ntraffic of one step (fwd+bwd), {args['t']} tokens per process, fp32 rows of {args['d']}, "
+          f"summed over ranks; 4 processes = 2 nodes x {LOCAL}")
+    print(f"{'config':<30}{'KiB sent':>10}{'messages':>10}{'KiB cross-node':>16}{'msgs cross-node':>17}")
+    rows = [("2 processes, per assignment", 2, "per-assignment"), ("2 processes, dedupe", 2, "dedupe"),
+            ("4 processes, per assignment", 4, "per-assignment"), ("4 processes, dedupe", 4, "dedupe"),
+            ("4 processes, bi-level", 4, "bilevel")]
+    for label, world, mode in rows:
+        nbytes, msgs, node_bytes, node_msgs = run(world, mode, args)["traffic"]
+        cross = (f"{node_bytes / 1024:>16.1f}{node_msgs:>17}" if world > LOCAL else f"{'-':>16}{'-':>17}")
+        print(f"{label:<30}{nbytes / 1024:>10.1f}{msgs:>10}{cross}", flush=True)
 
 
 if __name__ == "__main__":

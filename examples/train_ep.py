@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/train_ep.py            # CPU: gloo; GPUs: NCCL, one per rank
     torchrun --nproc-per-node 2 examples/train_ep.py --quick    # a few seconds
+    torchrun --nproc-per-node 4 examples/train_ep.py --mesh 2x2 --quick   # DP 2 x EP 2
 
 A small dense decoder is trained for a few steps, its FFNs are upcycled into MoE layers (copy init: every
 expert starts as the dense FFN, so the model computes the same function), then `moeify.parallelize`
@@ -91,6 +92,10 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--save", default=None, help="DCP checkpoint directory (default: a temporary one)")
+    ap.add_argument("--mesh", default=None, metavar="AxB",
+                    help="2-D mesh: A data-parallel replicas x B expert-parallel ranks (with --bilevel: "
+                         "A nodes x B ranks per node); default: experts sharded over all ranks")
+    ap.add_argument("--bilevel", action="store_true", help="with --mesh: node, then local exchange")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -118,14 +123,23 @@ def main() -> None:
         opt.step()
     # 2. upcycle and shard the experts: rank r keeps experts [r*E/P, (r+1)*E/P)
     upcycle(model, args.experts, k=2)
-    model = moeify.parallelize(model, dp="ddp")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if rank == 0:
-        print(f"{world} ranks ({'nccl' if cuda else 'gloo'}), {layers} MoE layers x {args.experts} experts "
-              f"({args.experts // world} per rank), dense loss {loss.item():.3f}", flush=True)
+    ep_mesh = None
+    if args.mesh is not None:
+        from torch.distributed.device_mesh import init_device_mesh
 
+        shape = tuple(int(n) for n in args.mesh.lower().split("x"))
+        names = ("node", "local") if args.bilevel else ("dp", "ep")
+        ep_mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    model = moeify.parallelize(model, dp="ddp", ep_mesh=ep_mesh, bilevel=args.bilevel)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     moe_layers = [m for m in model.modules() if isinstance(m, moeify.MoELayer)]
-    load = torch.zeros(len(moe_layers), args.experts // world, dtype=torch.long)  # [layers, E/P]
+    per_rank = args.experts // moe_layers[0].expert_parallel.world_size  # E/P
+    if rank == 0:
+        backend = "nccl" if cuda else "gloo"
+        print(f"{world} ranks ({backend}, mesh {args.mesh or world}), {layers} MoE layers x "
+              f"{args.experts} experts ({per_rank} per rank), dense loss {loss.item():.3f}", flush=True)
+
+    load = torch.zeros(len(moe_layers), per_rank, dtype=torch.long)  # [layers, E/P]
     for step in range(moe_steps):
         tokens = batch(gen, 16, seq, vocab, device)
         loss = lm_loss(model, tokens)
@@ -142,8 +156,8 @@ def main() -> None:
             print(f"step {step:4d}  loss {mean.item() / world:.3f}", flush=True)
 
     # per-rank expert load: rows each local expert computed, summed over steps
-    first = rank * (args.experts // world)
-    lines = [f"rank {rank}: experts {first}..{first + args.experts // world - 1}"]
+    first = moe_layers[0].expert_parallel.rank * per_rank
+    lines = [f"rank {rank}: experts {first}..{first + per_rank - 1}"]
     for i, row in enumerate(load.tolist()):
         lines.append(f"  layer {i}: " + " ".join(f"e{first + j}={n}" for j, n in enumerate(row)))
     gathered = [None] * world

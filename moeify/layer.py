@@ -86,7 +86,7 @@ class MoELayer(nn.Module):
             width = config.num_shared_experts * (config.shared_d_ff or H)
             self.shared = DenseFFN(D, width, self.expert_activation, config.gated, config.bias)
         self.dispatch_impl = "fast"  # "reference" selects the slow reference (tests, debugging)
-        # Expert parallelism: when set (by moeify.parallel), it runs the experts for sparse routings:
+        # Expert parallelism: when set (by moeify.parallel), it runs the experts (sparse or soft routing):
         # expert_parallel(x [T, D], routing, layer) -> [T, D].
         self.expert_parallel: nn.Module | None = None
         self.last_aux_loss: Tensor | None = None
@@ -130,7 +130,7 @@ class MoELayer(nn.Module):
             from moeify.lowering.export import lowered_experts  # the ONNX op chosen for this layer
 
             return lowered_experts(self, x, routing)
-        if self.expert_parallel is not None and not isinstance(routing, SoftRouting):
+        if self.expert_parallel is not None:
             return self.expert_parallel(x, routing, self)  # [T, D]
         return self.local_experts(x, routing)
 

@@ -95,6 +95,8 @@ EXCUSED = {
         "7 ONNX exports even with --quick (over 10 min on the loaded 2-core dev machine)",
     "python benchmarks/ep.py":
         "timing rounds of 1 and 2 spawned processes (4 min with --quick on the loaded 2-core dev machine)",
+    "python benchmarks/ep.py --traffic":
+        "5 spawned runs of 2 and 4 processes at full size (8 min on the loaded 2-core dev machine)",
 }
 
 
@@ -211,6 +213,7 @@ WAYS: dict[str, Way] = {
         Way(_moeify_run, "out.npz", after=EXPORT),
     "moeify bench model.onnx --runs 50 --threads 2 --batch 1 --seq 512": Way(_moeify, "p50", after=EXPORT),
     "torchrun --nproc-per-node 2 examples/train_ep.py --quick": Way(_torchrun, "checkpoint:"),
+    "torchrun --nproc-per-node 4 examples/train_ep.py --mesh 2x2 --quick": Way(_torchrun, "checkpoint:"),
     "PYTHONPATH=. python examples/quickstart.py --quick": Way(_example, "'ffns': 2"),
     "PYTHONPATH=. python examples/minilm_upcycle.py --model-dir DIR": Way(_example, "'ok': True"),
     "PYTHONPATH=. python examples/upcycle_gpt.py --quick": Way(_example, "moe-copy"),

@@ -8,18 +8,15 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from moeify.parallel.comm import CommTimer
 from moeify.parallel.errors import ParallelError
-from moeify.parallel.group import resolve_group
+from moeify.parallel.group import resolve_layout
 from moeify.parallel.shard import expert_parameters, shard_experts
 
 DP_MODES = ("ddp", "fsdp", None)
 
 
-def _group_ranks(group) -> list[int]:
-    return sorted(dist.get_process_group_ranks(group))
-
-
 def parallelize(model: nn.Module, ep_group=None, dp_mesh: DeviceMesh | None = None, dp: str | None = "ddp",
-                timer: CommTimer | None = None) -> nn.Module:
+                timer: CommTimer | None = None, *, ep_mesh: DeviceMesh | None = None, bilevel: bool = False,
+                dedupe: bool = True) -> nn.Module:
     """Shard a converted model's experts over `ep_group` and data-parallelise the rest; returns the model.
 
     Call it on every rank of the group, after `torch.distributed.init_process_group` and after moving the
@@ -36,26 +33,32 @@ def parallelize(model: nn.Module, ep_group=None, dp_mesh: DeviceMesh | None = No
             ignored; "fsdp" applies FSDP2 `fully_shard` to the whole model with the expert parameters
             as `ignored_params`; None leaves data parallelism of the non-expert parameters to you (use
             `moeify.parallel.expert_parameters(model)` to exclude the experts).
-        timer: optional `CommTimer` that accumulates the time spent in expert exchanges.
+        timer: optional `CommTimer` that accumulates the time and traffic of the expert exchanges.
+        ep_mesh: instead of `ep_group`, a device mesh over all the ranks: 1-D (flat, like ep_group);
+            named ('dp', 'ep') for hybrid EP x DP (experts sharded over 'ep', each shard replicated over
+            'dp'; e.g. `init_device_mesh("cuda", (2, 4), mesh_dim_names=("dp", "ep"))`); with
+            `bilevel=True`, named ('node', 'local') or ('dp', 'node', 'local'): bi-level exchange.
+        bilevel: route tokens node first, then inside the node (two all-to-all stages; SMILE).
+        dedupe: send a token once per destination rank (default), not once per expert assignment.
 
-    Gradients: DDP/FSDP average the non-expert gradients over the P ranks; the expert exchange sums the
-    P ranks' contributions, so the expert gradients are scaled by 1/P and the whole model trains on the
-    mean loss over ranks, exactly like single-process training on the concatenated batches. With
-    dp=None the expert gradients are scaled all the same: average the rest over the group yourself.
+    Gradients: DDP/FSDP average the non-expert gradients over all W ranks. An expert's gradient is the sum
+    of the contributions of the tokens that reached it (from its expert-parallel group) and, with a 'dp'
+    dim, summed over the replicas; `parallelize` scales it by 1/W, so the whole model trains on the mean
+    loss over ranks, exactly like single-process training on the concatenated batches. With dp=None the
+    expert gradients are handled all the same: average the rest over the W ranks yourself.
     """
     if dp not in DP_MODES:
         raise ParallelError(f"unknown dp {dp!r}; valid: 'ddp', 'fsdp', None")
-    ep_group = resolve_group(ep_group)
-    world = dist.get_world_size(ep_group)
-    ranks = _group_ranks(ep_group)
+    ep_group, ranks = resolve_layout(ep_group, ep_mesh, bilevel)
     if dp_mesh is not None:
         if dp_mesh.ndim != 1 or sorted(dp_mesh.mesh.flatten().tolist()) != ranks:
             raise ParallelError(
-                f"dp_mesh must be a 1-D mesh over the expert-parallel ranks {ranks}, got "
-                f"{dp_mesh.mesh.tolist()}; replicating expert shards across several expert-parallel "
-                "groups (hybrid EP x DP) is not supported yet"
+                f"dp_mesh must be a 1-D mesh over all the expert-parallel ranks {ranks}, got "
+                f"{dp_mesh.mesh.tolist()}; for expert shards replicated over data-parallel groups pass "
+                "ep_mesh with a 'dp' dim"
             )
-    shard_experts(model, ep_group, grad_scale=1.0 / world, timer=timer)
+    shard_experts(model, ep_group, grad_scale=1.0 / len(ranks), timer=timer, mesh=ep_mesh, bilevel=bilevel,
+                  dedupe=dedupe)
     if dp is None:
         return model
     experts = expert_parameters(model)

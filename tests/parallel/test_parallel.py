@@ -1,20 +1,14 @@
 """Expert parallelism on 2 CPU processes (gloo), checked against single-process results.
 
-One module-scoped run starts two worker processes (this file, run as a script) that join a gloo group
-through a file store (no port to pick, nothing to race for) and run every check in turn; each rank writes
-its verdict per check to a JSON file, and the tests below read them. A hung collective cannot hang the
-suite: the group has a 60 s timeout and the whole run a hard one.
+One module-scoped run starts two worker processes (this file, run as a script, see `tests.parallel.spawn`)
+that run every check in turn; each rank writes its verdict per check to a JSON file, and the tests below
+read them.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -23,9 +17,9 @@ from torch import nn
 
 import moeify
 from moeify import MoEConfig, MoELayer
+from tests.parallel.spawn import init_group, run_checks, spawn, verdict
 
 WORLD = 2
-RUN_TIMEOUT_S = 180
 TOL = 1e-5
 D, H, T = 8, 12, 10
 
@@ -112,6 +106,7 @@ def check_ep_layer(rank: int, capacity: float | None, skewed: bool = False) -> N
 
     ep = copy.deepcopy(ref)
     shard_experts(ep)
+    L = ep.num_experts // WORLD
     names = ["w1", "b1", "w2", "b2"]
     expert_grads = {n: torch.zeros_like(getattr(ref, n)) for n in names}
     for s in range(WORLD):  # single process: every rank's batch through the full layer
@@ -132,14 +127,16 @@ def check_ep_layer(rank: int, capacity: float | None, skewed: bool = False) -> N
     _check_close("output", out, want_out)
     _check_close("input grad", x.grad, want_dx)
     _check_close("router grad", ep.router.weight.grad, want_router)
-    L = ep.num_experts // WORLD
     for n in names:
         local = getattr(ep, n).grad.to_local()
         _check_close(f"{n} grad", local, expert_grads[n][rank * L : (rank + 1) * L])
     sent = int(ep.expert_parallel.last_sent.sum())
     kept = int((ep.last_stats.tokens_per_expert).sum())
-    if sent != kept:
-        raise AssertionError(f"sent {sent} rows for {kept} kept assignments")
+    routing = ep.router(x.detach())
+    keep = routing.expert_idx < ep.num_experts
+    pairs = torch.unique(routing.token_idx[keep] * WORLD + routing.expert_idx[keep] // L).numel()
+    if sent != pairs:  # one row per (token, destination rank): rank 1's batch has tokens with both on one
+        raise AssertionError(f"sent {sent} rows for {kept} kept assignments, {pairs} (token, rank) pairs")
     if capacity is not None and ep.last_stats.dropped_fraction == 0:
         raise AssertionError("the capacity case dropped nothing; make the capacity smaller")
     if skewed and ep.expert_parallel.last_local_load.sum() != (2 * T * WORLD if rank == 0 else 0):
@@ -175,22 +172,45 @@ def check_parallelize(rank: int, dp: str) -> None:
         raise AssertionError(f"clip_grad_norm_ {float(norm)} vs single-process {float(want_norm)}")
 
 
-def check_checkpoint_save(rank: int, outdir: Path) -> None:
-    """2 ranks train a step, save with DCP; the test process loads it into one plain model."""
-    from moeify.parallel import parallelize, save_checkpoint
+def step_and_save(par: nn.Module, rank: int, outdir: Path, name: str) -> tuple[torch.Tensor, dict]:
+    """Train the DDP-wrapped parallel model one AdamW step, save it to outdir/name with DCP, and (rank 0)
+    what a load must reproduce to outdir/name.pt; returns the probe output and the full parameters."""
+    from moeify.parallel import save_checkpoint
 
-    par = parallelize(Tiny(), dp="ddp")
     opt = torch.optim.AdamW(par.parameters(), lr=1e-2)
     x, cot = rank_data(rank)
     ((par(x) * cot).sum() + moeify.aux_loss(par)).backward()
     opt.step()
-    save_checkpoint(par, outdir / "ckpt2", optimizer=opt)
+    save_checkpoint(par, outdir / name, optimizer=opt)
     with torch.no_grad():
         out = par(probe())
     state = {n: _full(p.detach()) for n, p in par.module.named_parameters()}  # collectives on all ranks
     exp_avg = {n: _full(opt.state[p]["exp_avg"]) for n, p in par.module.named_parameters()}
     if rank == 0:
-        torch.save({"out": out, "state": state, "exp_avg": exp_avg}, outdir / "expected2.pt")
+        torch.save({"out": out, "state": state, "exp_avg": exp_avg}, outdir / f"{name}.pt")
+    return out, state
+
+
+def check_loads_in_one_process(outdir: Path, name: str) -> None:
+    """Test side: the checkpoint `step_and_save` wrote loads into one plain model, optimizer included."""
+    from moeify.parallel import load_checkpoint
+
+    expected = torch.load(outdir / f"{name}.pt", weights_only=True)
+    model = Tiny(seed=99)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_checkpoint(model, outdir / name, optimizer=opt)
+    for pname, p in model.named_parameters():
+        assert max_diff(p, expected["state"][pname]) == 0, pname
+        assert max_diff(opt.state[p]["exp_avg"], expected["exp_avg"][pname]) == 0, pname
+    with torch.no_grad():
+        assert max_diff(model(probe()), expected["out"]) <= TOL
+
+
+def check_checkpoint_save(rank: int, outdir: Path) -> None:
+    """2 ranks train a step, save with DCP; the test process loads it into one plain model."""
+    from moeify.parallel import parallelize
+
+    step_and_save(parallelize(Tiny(), dp="ddp"), rank, outdir, "ckpt2")
 
 
 def check_checkpoint_load(rank: int, outdir: Path) -> None:
@@ -221,33 +241,8 @@ def check_not_divisible(rank: int) -> None:
     raise AssertionError("no error for 3 experts on 2 ranks")
 
 
-def check_soft_refused(rank: int) -> None:
-    """A soft router (its capabilities say so) is refused: every expert sees every token."""
-    from moeify.parallel import ParallelError, parallelize
-
-    layer = moeify.MoELayer(moeify.MoEConfig(d_model=D, d_ff=8, num_experts=4, router="soft"))
-    try:
-        parallelize(nn.Sequential(layer))
-    except ParallelError as e:
-        if "soft router 'soft'" not in str(e):
-            raise AssertionError(f"unclear message: {e}") from e
-        return
-    raise AssertionError("no error for a soft router")
-
-
 def worker(rank: int, outdir: Path) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{outdir / 'store'}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_group(rank, WORLD, outdir)
     checks = {
         "ep_topk": lambda: check_ep_layer(rank, None),
         "ep_topk_capacity": lambda: check_ep_layer(rank, 0.5),
@@ -257,20 +252,8 @@ def worker(rank: int, outdir: Path) -> None:
         "checkpoint_save": lambda: check_checkpoint_save(rank, outdir),
         "checkpoint_load": lambda: check_checkpoint_load(rank, outdir),
         "not_divisible": lambda: check_not_divisible(rank),
-        "soft_refused": lambda: check_soft_refused(rank),
     }
-    results = {}
-    for name, fn in checks.items():
-        start = time.perf_counter()
-        try:
-            fn()
-            results[name] = "ok"
-            print(f"rank {rank}: {name} ok in {time.perf_counter() - start:.2f}s", flush=True)
-        except Exception:  # keep going: one rank failing mid-collective shows up as the group timeout
-            results[name] = traceback.format_exc()
-        (outdir / f"result{rank}.json").write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    run_checks(rank, outdir, checks)
 
 
 # ------------------------------------------------------------------------------------------ test side
@@ -285,48 +268,12 @@ def ep_run(tmp_path_factory):
     with torch.no_grad():
         torch.save({"out": model(probe()), "w1": model.moe.w1.detach().clone()}, outdir / "expected1.pt")
 
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
-        ),
-    )
-    if "GLOO_SOCKET_IFNAME" not in env and sys.platform.startswith("linux"):
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback: no dependence on the host's name resolving
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(r), str(outdir)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=RUN_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"expert-parallel workers did not finish in {RUN_TIMEOUT_S}s")
-    results = []
-    for r in range(WORLD):
-        path = outdir / f"result{r}.json"
-        if not path.exists():
-            pytest.fail(f"rank {r} wrote no results (exit {procs[r].returncode}):\n{logs[r][-3000:]}")
-        results.append(json.loads(path.read_text()))
+    results, logs = spawn(__file__, WORLD, outdir)
     return outdir, results, logs
 
 
 def _verdict(ep_run, check: str) -> None:
-    _, results, logs = ep_run
-    for r, res in enumerate(results):
-        if check not in res:
-            pytest.fail(f"rank {r} did not reach {check}:\n{logs[r][-3000:]}")
-        assert res[check] == "ok", f"rank {r}, {check}:\n{res[check]}"
+    verdict(ep_run[1], ep_run[2], check)
 
 
 @pytest.mark.parametrize("check", ["ep_topk", "ep_topk_capacity", "ep_topk_skewed"])
@@ -340,19 +287,8 @@ def test_parallelize_gradients_match_single_process(ep_run, dp):
 
 
 def test_checkpoint_two_ranks_to_one_process(ep_run):
-    from moeify.parallel import load_checkpoint
-
     _verdict(ep_run, "checkpoint_save")
-    outdir = ep_run[0]
-    expected = torch.load(outdir / "expected2.pt", weights_only=True)
-    model = Tiny(seed=99)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    load_checkpoint(model, outdir / "ckpt2", optimizer=opt)
-    for name, p in model.named_parameters():
-        assert max_diff(p, expected["state"][name]) == 0, name
-        assert max_diff(opt.state[p]["exp_avg"], expected["exp_avg"][name]) == 0, name
-    with torch.no_grad():
-        assert max_diff(model(probe()), expected["out"]) <= TOL
+    check_loads_in_one_process(ep_run[0], "ckpt2")
 
 
 def test_checkpoint_one_process_to_two_ranks(ep_run):
@@ -361,10 +297,6 @@ def test_checkpoint_one_process_to_two_ranks(ep_run):
 
 def test_not_divisible_clear_error(ep_run):
     _verdict(ep_run, "not_divisible")
-
-
-def test_soft_router_refused(ep_run):
-    _verdict(ep_run, "soft_refused")
 
 
 def test_parallelize_needs_process_group():
