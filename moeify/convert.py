@@ -172,9 +172,9 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
     m = site.match
     cfg = config.layer_config(d_model=m.d_model, d_ff=_expert_width(config, site), activation=m.activation,
                               gated=m.gated, bias=m.bias)
-    dense = dense_weights(model, m)
     # An activation moeify has no name for is carried into the experts as the same computation (a copy).
     activation = activation_module(site) if m.activation == CUSTOM else None
+    dense = dense_weights(model, m, custom_activation=activation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 1_000_003 + index)
         try:

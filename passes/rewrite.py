@@ -75,8 +75,9 @@ def _matrix(model: nn.Module, ref: LinearRef) -> tuple[Tensor, Tensor | None]:
     return w, b
 
 
-def dense_weights(model: nn.Module, match: FFNMatch) -> DenseFFNWeights:
-    """The FFN's weights in moeify's layout: w1 [H1, D] ([gate; up] when gated), w2 [D, H]."""
+def dense_weights(model: nn.Module, match: FFNMatch, custom_activation=None) -> DenseFFNWeights:
+    """The FFN's weights in moeify's layout: w1 [H1, D] ([gate; up] when gated), w2 [D, H].
+    `custom_activation`: the module computing a "custom" activation (`activation_module(site)`)."""
     up_w, up_b = _matrix(model, match.up)
     down_w, down_b = _matrix(model, match.down)
     if match.gated:
@@ -103,7 +104,8 @@ def dense_weights(model: nn.Module, match: FFNMatch) -> DenseFFNWeights:
             f"{match.name}: weights {tuple(w1.shape)}, {tuple(down_w.shape)} do not fit "
             f"d_model={match.d_model}, d_ff={match.d_ff}"
         )
-    return DenseFFNWeights(w1=w1, b1=b1, w2=down_w, b2=down_b, activation=match.activation, gated=match.gated)
+    return DenseFFNWeights(w1=w1, b1=b1, w2=down_w, b2=down_b, activation=match.activation, gated=match.gated,
+                           custom_activation=custom_activation)
 
 
 # --- module tree helpers --------------------------------------------------------------------------

@@ -8,8 +8,17 @@ The fast subset for a developer: `python -m pytest -m "not slow and not ort and 
 
 from pathlib import Path
 
+import os
+
 import pytest
 from click.testing import CliRunner
+from hypothesis import settings
+
+# CI (CI=true) draws the same property-test examples every run, so a red CI is reproducible; a developer's
+# run explores new ones each time.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 _FOLDER_MARKS = {"lowering": "ort", "runtime": "ort", "parallel": "dist"}
 _TESTS = Path(__file__).resolve().parent

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import moeify
-from moeify.activations import ACTIVATIONS
+from moeify.activations import ACTIVATIONS, CUSTOM
 from moeify.routers import ROUTERS
 from moeify.upcycle import UpcycleConfig
 from moeify.upcycle.preservation import preserves_config
@@ -38,12 +38,32 @@ def _quick_gelu_module() -> nn.Module:
 
 # our activation name -> the module a user's FFN would hold. "identity" is left out: up -> down with
 # nothing between is one linear map, not an FFN (find_ffns rejects it on purpose).
+def _relu2_module() -> nn.Module:
+    from transformers.activations import ReLUSquaredActivation
+
+    return ReLUSquaredActivation()
+
+
 ACTIVATION_MODULES = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "silu": nn.SiLU,
     "quick_gelu": _quick_gelu_module,
+    "relu2": _relu2_module,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "mish": nn.Mish,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "leaky_relu": nn.LeakyReLU,
+    "softplus": nn.Softplus,
+    "hardswish": nn.Hardswish,
+    "hardsigmoid": nn.Hardsigmoid,
+    "relu6": nn.ReLU6,
+    "softsign": nn.Softsign,
+    # no name in moeify: carried into the experts as the module itself (a learned slope)
+    CUSTOM: lambda: nn.PReLU(init=0.3),
 }
 NOT_AN_FFN = {"identity"}
 
@@ -158,7 +178,7 @@ def convert(setting: Setting):
         setting.upcycle.init == "split" and setting.upcycle.split_method == "cluster"
     )
     moe = moeify.convert(dense, experts=setting.experts, k=setting.k, router=setting.router,
-                         init=setting.upcycle, config=setting.options,
+                         init=setting.upcycle, layer=setting.options,
                          calibration=inputs(s, 99, tokens=16) if needs_calibration else None)
     layers = [m for m in moe.modules() if isinstance(m, moeify.MoELayer)]
     assert len(layers) == 1 and type(moe) is Net
@@ -180,7 +200,7 @@ def outputs(model: nn.Module, s: Shape) -> torch.Tensor:
 
 def test_every_named_activation_is_exercised():
     """A new named activation needs a module here, or a reason it cannot be an FFN's."""
-    assert set(ACTIVATION_MODULES) | NOT_AN_FFN == set(ACTIVATIONS)
+    assert set(ACTIVATION_MODULES) | NOT_AN_FFN == set(ACTIVATIONS) | {CUSTOM}
     for name in ACTIVATION_MODULES:
         found = moeify.find_ffns(dense_model(Shape(4, 8, name, False, True), 0))
         assert [(f.name, f.activation) for f in found] == [("ffn", name)]

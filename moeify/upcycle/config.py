@@ -6,10 +6,12 @@ Shape legend: D d_model, H dense d_ff, H1 = 2H when gated (rows [0, H) gate, [H,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from moeify.activations import CUSTOM, Activation
 from moeify.errors import ConfigError, UpcycleError
 from moeify.json_config import JsonConfig
 
@@ -30,10 +32,14 @@ class DenseFFNWeights:
     b1: Tensor | None  # [H1]
     w2: Tensor  # [D, H]
     b2: Tensor | None  # [D]
-    activation: str
+    activation: str  # a name of moeify.activations.ACTIVATIONS, or CUSTOM
     gated: bool
+    custom_activation: Callable[[Tensor], Tensor] | None = None  # computes a CUSTOM activation
 
     def __post_init__(self) -> None:
+        if (self.activation == CUSTOM) != (self.custom_activation is not None):
+            raise UpcycleError(f"a dense FFN with activation {self.activation!r} needs custom_activation "
+                               f"exactly when the activation is {CUSTOM!r}")
         if self.w1.dim() != 2 or self.w2.dim() != 2:
             raise UpcycleError(f"dense FFN weights must be matrices: w1 [H1, D], w2 [D, H]; got "
                                f"w1 {tuple(self.w1.shape)}, w2 {tuple(self.w2.shape)}")
@@ -52,6 +58,11 @@ class DenseFFNWeights:
             raise UpcycleError(f"dense FFN b2 must have shape ({d},), got {tuple(self.b2.shape)}")
 
     @property
+    def act(self) -> Activation:
+        """What computes the activation: its name, or the module of a custom one."""
+        return self.custom_activation if self.activation == CUSTOM else self.activation
+
+    @property
     def d_model(self) -> int:
         return self.w1.shape[1]
 
@@ -63,8 +74,10 @@ class DenseFFNWeights:
     def from_module(cls, ffn) -> DenseFFNWeights:
         """From a `moeify.dense_ffn.DenseFFN` (or anything with w1/b1/w2/b2/activation/gated)."""
         b1, b2 = getattr(ffn, "b1", None), getattr(ffn, "b2", None)
+        named = isinstance(ffn.activation, str)  # else a module or function computing it
         return cls(w1=ffn.w1.detach(), b1=None if b1 is None else b1.detach(), w2=ffn.w2.detach(),
-                   b2=None if b2 is None else b2.detach(), activation=ffn.activation, gated=ffn.gated)
+                   b2=None if b2 is None else b2.detach(), activation=ffn.activation if named else CUSTOM,
+                   gated=ffn.gated, custom_activation=None if named else ffn.activation)
 
 
 # Options that only one strategy reads: (field, default, the init that reads it). Setting one to a

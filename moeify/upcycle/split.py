@@ -62,7 +62,7 @@ def neuron_features(dense, calibration: Tensor | None, gen: torch.Generator) -> 
         h = x @ w1.t()  # [N, H1]
         if dense.b1 is not None:
             h = h + dense.b1.float()
-        a = apply_expert_activation(h, dense.activation, dense.gated)  # [N, H]
+        a = apply_expert_activation(h, dense.act, dense.gated)  # [N, H]
         return _unit_rows(a.t()), "activations"
     rows = torch.cat([w1[:H], w1[H:]], dim=1) if dense.gated else w1  # [H, D or 2D]
     return _unit_rows(rows), "w1 rows"
