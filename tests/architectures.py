@@ -35,7 +35,8 @@ def enc(**kw):
     )
 
 
-S2S = dict(
+# the shape every encoder-decoder of the zoo shares
+S2S_SHAPE = dict(
     vocab_size=V,
     d_model=D,
     encoder_layers=L,
@@ -44,6 +45,9 @@ S2S = dict(
     decoder_attention_heads=2,
     encoder_ffn_dim=H,
     decoder_ffn_dim=H,
+)
+S2S = dict(
+    **S2S_SHAPE,
     max_position_embeddings=64,
     pad_token_id=1,
     bos_token_id=0,
@@ -174,14 +178,7 @@ ARCHS = {
         T.WhisperForConditionalGeneration,
         T.WhisperConfig,
         dict(
-            vocab_size=V,
-            d_model=D,
-            encoder_layers=L,
-            decoder_layers=L,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=H,
-            decoder_ffn_dim=H,
+            **S2S_SHAPE,
             num_mel_bins=8,
             max_source_positions=16,
             max_target_positions=16,
