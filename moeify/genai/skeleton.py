@@ -21,20 +21,11 @@ import torch
 from torch import nn
 
 from moeify.errors import MoeifyError
+from moeify.io.companions import TOKENIZER_FILES
 
 # HF causal-LM classes the builder converts and whose MLP the surgery recognises.
 BUILDER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MLP_PATH = re.compile(r"^(?:.*\.)?layers\.(\d+)\.mlp$")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
 
 
 @dataclass(frozen=True)

@@ -33,3 +33,19 @@ def test_export_int4_then_generate(run, tmp_path):
 def test_generate_refuses_a_folder_that_is_not_genai(run, tmp_path):
     result = run("generate", tmp_path, "--prompt", "hi")
     assert result.exit_code == 1 and "not an ONNX Runtime GenAI folder" in result.output
+
+
+def test_done_when_commands_as_written(run, tmp_path):
+    """Issue 14's three commands: convert carries the tokenizer, export --genai finds it, generate runs."""
+    tiny_llama_folder(tmp_path / "hf")
+    result = run("convert", tmp_path / "hf", "--experts", "8", "--k", "1", "-o", "moe")
+    assert result.exit_code == 0, result.output
+    result = run("export", "moe", "-o", "moe-genai", "--genai", "--precision", "int4")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "moe-genai" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json"
+                                                                        ).read_bytes()
+    graph = onnx.load(str(tmp_path / "moe-genai" / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("QMoE") == 4
+    result = run("generate", "moe-genai", "--prompt", "def main():")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("def main():") and "tok/s" in result.output
