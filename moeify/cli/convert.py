@@ -172,14 +172,18 @@ def convert(ctx: click.Context, model: str, config_file: Path | None, experts: i
     console.print(totals_line(report))
     console.print(f"conversion took {convert_s:.1f}s")
 
+    from moeify.io.companions import companion_files
+
+    companions = companion_files(model)  # a Hugging Face folder's tokenizer and generation settings
     start = time.perf_counter()
     with byte_progress(f"writing {out}") as progress:
         if fmt in ("moeify", "pt"):
-            moeify.save(net, out, source=loaded.source, force=force, inputs=inputs, progress=progress)
+            moeify.save(net, out, source=loaded.source, force=force, inputs=inputs, progress=progress,
+                        extra_files=companions)
         else:
             from moeify.io.hf_export import export_hf
 
-            export_hf(net, out, fmt, force=force, inputs=inputs, progress=progress)
+            export_hf(net, out, fmt, force=force, inputs=inputs, progress=progress, extra_files=companions)
     console.print(f"wrote {out} ({human_bytes(dir_size(out))}, {fmt}) in {time.perf_counter() - start:.1f}s")
     if fmt == "moeify":
         console.print(f"next: moeify verify {model} {out}")

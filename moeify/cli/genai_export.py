@@ -10,7 +10,7 @@ from pathlib import Path
 
 from moeify.cli.common import err_console, out_console
 from moeify.errors import MoeifyError
-from moeify.genai.skeleton import TOKENIZER_FILES
+from moeify.io.companions import TOKENIZER_FILES
 
 
 def tokenizer_folder(model: str, tokenizer: str | None) -> Path:

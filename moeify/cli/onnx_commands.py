@@ -253,24 +253,35 @@ def run_command(model: str, inputs: tuple[str, ...], batch: int, seq: int, threa
 
 
 @click.command("bench")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--runs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Sequence length (a GenAI folder: prompt tokens).")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="A GenAI folder: tokens decoded per run.")
 @click.option("--provider", help="Execution provider (default: CUDA when usable, else CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @examples("""
 moeify bench tiny_llama-moe8.onnx
 moeify bench model.onnx --runs 100 --threads 2 --seq 512
 moeify bench model.onnx --json
+moeify bench moe-genai --seq 256 --new-tokens 64    # a GenAI folder: prefill ms, decode tok/s
 """)
 def bench_command(model: str, runs: int, warmup: int, threads: int | None, batch: int, seq: int,
-                  provider: str | None, as_json: bool) -> None:
-    """Latency percentiles and throughput of an ONNX model in ONNX Runtime."""
+                  new_tokens: int, provider: str | None, as_json: bool) -> None:
+    """Latency percentiles and throughput of an ONNX model in ONNX Runtime, or of a GenAI folder
+    (prefill of a --seq prompt, then --new-tokens decoded, per run)."""
+    from moeify.cli.genai_bench import bench_genai_command, is_genai_folder
     from moeify.runtime import bench, example_feed
 
+    if is_genai_folder(model):
+        return bench_genai_command(model, runs, warmup, threads, batch, seq, new_tokens, provider, as_json)
+    if Path(model).is_dir():
+        raise MoeifyError(f"{model} is a folder without genai_config.json; bench an .onnx file or a GenAI "
+                          "folder (moeify export MODEL -o DIR --genai)")
     session = _session(model, threads, provider)
     result = bench(session, example_feed(session, batch=batch, seq=seq), runs=runs, warmup=warmup)
     if as_json:

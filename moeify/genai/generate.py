@@ -46,12 +46,14 @@ def generate(
     prompt_ids,
     *,
     max_new_tokens: int = 64,
+    min_new_tokens: int = 0,
     sample: bool = False,
     temperature: float = 1.0,
     on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt_ids` (a list of ints) with an `onnxruntime_genai.Model`;
-    greedy unless `sample`. `on_token(id)` is called for each new token as it comes."""
+    greedy unless `sample`; eos cannot stop it before `min_new_tokens`. `on_token(id)` is called for each
+    new token as it comes."""
     import numpy as np
     import onnxruntime_genai as og
 
@@ -61,7 +63,10 @@ def generate(
         raise MoeifyError("the prompt is empty after tokenisation")
     params = og.GeneratorParams(model)
     params.set_search_options(
-        max_length=len(prompt_ids) + max_new_tokens, do_sample=sample, temperature=temperature
+        max_length=len(prompt_ids) + max_new_tokens,
+        min_length=len(prompt_ids) + min_new_tokens,
+        do_sample=sample,
+        temperature=temperature,
     )
     generator = og.Generator(model, params)
     start = time.perf_counter()

@@ -13,7 +13,6 @@ names the MLP `/model/layers.N/mlp/...` are taken (see BUILDER_ARCHITECTURES).
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,20 +20,11 @@ import torch
 from torch import nn
 
 from moeify.errors import MoeifyError
+from moeify.io.companions import TOKENIZER_FILES, copy_files
 
 # HF causal-LM classes the builder converts and whose MLP the surgery recognises.
 BUILDER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MLP_PATH = re.compile(r"^(?:.*\.)?layers\.(\d+)\.mlp$")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
 
 
 @dataclass(frozen=True)
@@ -145,7 +135,4 @@ def write_skeleton(model: nn.Module, sites: list[MoESite], out: Path, tokenizer_
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer files present in `src` to `dst`; returns their names."""
-    names = [n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
-    for name in names:
-        shutil.copyfile(Path(src) / name, dst / name)
-    return names
+    return copy_files([Path(src) / n for n in TOKENIZER_FILES if (Path(src) / n).is_file()], dst)

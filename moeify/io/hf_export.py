@@ -27,8 +27,9 @@ gate [E, D] and softmax scores.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.io.atomic import atomic_output
+from moeify.io.companions import copy_files
 from moeify.io.weights import dedupe, write_safetensors
 from moeify.routers.base import ORT_MOE
 
@@ -199,8 +201,9 @@ def hf_state_dict(model: nn.Module, fmt: str, layers: dict) -> dict[str, torch.T
 
 
 def export_hf(model: nn.Module, path: str | Path, fmt: str, *, force: bool = False, inputs: tuple = (),
-              progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write `model` (converted from a LLaMA/Mistral/Qwen2/Qwen3 source) as a `fmt` checkpoint at `path`."""
+              progress: Callable[[int, int], None] | None = None, extra_files: Iterable[Path] = ()) -> Path:
+    """Write `model` (converted from a LLaMA/Mistral/Qwen2/Qwen3 source) as a `fmt` checkpoint at `path`,
+    with `extra_files` (e.g. the source's tokenizer) copied in unless the checkpoint has a file so named."""
     check_exportable_source(model, fmt)
     config, layers = hf_config(model, fmt)
     state, _ = dedupe(hf_state_dict(model, fmt, layers))
@@ -211,4 +214,5 @@ def export_hf(model: nn.Module, path: str | Path, fmt: str, *, force: bool = Fal
         if generation is not None:
             generation.save_pretrained(str(tmp))
         write_safetensors(state, tmp, progress=progress)
+        copy_files(extra_files, tmp, skip=os.listdir(tmp))
     return path

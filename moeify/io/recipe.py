@@ -20,8 +20,9 @@ under `"config"`. Both load.
 from __future__ import annotations
 
 import json
+import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from moeify.convert_config import ConvertConfig
 from moeify.errors import MoeifyError
 from moeify.io import sources
 from moeify.io.atomic import atomic_output
+from moeify.io.companions import copy_files
 from moeify.io.weights import DEFAULT_SHARD_BYTES, dedupe, read_into, write_safetensors
 from moeify.layer import MoELayer
 from moeify.report import conversion_report, count_params
@@ -106,12 +108,14 @@ def build_recipe(model: nn.Module, source: dict, conversion: dict | None, aliase
 
 def save(model: nn.Module, path: str | Path, *, source: str | dict | None = None, force: bool = False,
          inputs: tuple = (), max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-         progress: Callable[[int, int], None] | None = None) -> Path:
+         progress: Callable[[int, int], None] | None = None, extra_files: Iterable[Path] = ()) -> Path:
     """Write `model` to `path`: a directory with safetensors + moeify.json, or a pickled `.pt`.
 
     source: how to rebuild the dense model: "module:callable", a source dict, or None to use what moeify
         knows (models from moeify's loaders and Hugging Face models are known; others need
         `moeify.load(path, model=fresh_dense_model)`).
+    extra_files: files copied into the directory under their own names (e.g. the source's tokenizer, see
+        moeify.io.companions); ignored for a `.pt`.
     force: replace an existing `path`. The output is written to a temporary path and renamed, so a failure
         leaves nothing behind.
     """
@@ -132,6 +136,7 @@ def save(model: nn.Module, path: str | Path, *, source: str | dict | None = None
                                                     max_shard_bytes, progress), path)
         recipe = build_recipe(model, src, record, aliases, files)
         (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+        _guard_os(lambda: copy_files(extra_files, tmp, skip=os.listdir(tmp)), path)
     return path
 
 

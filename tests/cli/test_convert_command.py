@@ -134,3 +134,22 @@ def test_python_dash_m(run, tmp_path):
     report = json.loads(checked.stdout)
     assert report["passed"] and report["max_abs_difference"] < 1e-5
     assert len(report["routing"]) == 3
+
+
+@pytest.mark.parametrize("fmt", ["moeify", "mixtral"])
+def test_convert_hf_folder_carries_its_tokenizer(run, tmp_path, fmt):
+    from transformers import AutoTokenizer
+
+    from tests.genai.tiny import tiny_llama_folder
+
+    model = tiny_llama_folder(tmp_path / "dense")
+    model.generation_config.save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "merges.txt").write_text("#version: 0.2\n")  # a companion the writer does not make
+    result = run("convert", tmp_path / "dense", "-e", "4", "--format", fmt, "-o", "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    for name in ("tokenizer.json", "tokenizer_config.json", "merges.txt", "generation_config.json"):
+        assert (out / name).read_bytes() == (tmp_path / "dense" / name).read_bytes(), name
+    assert not list(tmp_path.glob(".out.moeify-tmp-*"))  # copied inside the atomic write
+    assert AutoTokenizer.from_pretrained(str(out)).encode("hi") == AutoTokenizer.from_pretrained(
+        str(tmp_path / "dense")).encode("hi")
