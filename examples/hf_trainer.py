@@ -1,4 +1,4 @@
-"""Train a converted Hugging Face model with `transformers.Trainer`, unchanged: convert, train, save, reload, generate.
+"""Train a converted Hugging Face model with `transformers.Trainer`: convert, train, save, reload, generate.
 
     PYTHONPATH=. python examples/hf_trainer.py
     PYTHONPATH=. python examples/hf_trainer.py --quick      # a few steps (CI smoke test)
@@ -35,7 +35,7 @@ PROMPT = b"moeify turns the "
 
 
 class ByteWindows(torch.utils.data.Dataset):
-    """Every CONTEXT-byte window of `data`, as Trainer batches: input_ids and labels (the model shifts them)."""
+    """Every CONTEXT-byte window of `data` as a Trainer example: input_ids and labels (the model shifts)."""
 
     def __init__(self, data: torch.Tensor, stride: int = 8):
         self.data, self.starts = data, range(0, data.numel() - CONTEXT, stride)
@@ -58,7 +58,7 @@ def greedy(model: torch.nn.Module, prompt: bytes, new_tokens: int) -> bytes:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few training steps (CI smoke test)")
-    p.add_argument("--out", type=Path, help="where Trainer checkpoints and the saved model go (default: temp)")
+    p.add_argument("--out", type=Path, help="where checkpoints and the saved model go (default: a temp dir)")
     args = p.parse_args(argv)
     try:
         from transformers import Trainer, TrainingArguments

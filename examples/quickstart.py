@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. train: the usual loop. In training mode a converted HF model's `out.loss` already includes the
     #    routers' auxiliary losses (load balance, z-loss), reported alone as `out.aux_loss`, as Mixtral does
-    #    (ConvertConfig.add_aux_loss; for a model returning plain tensors, add moeify.aux_loss(model) yourself).
+    #    (ConvertConfig.add_aux_loss; a model returning plain tensors: add moeify.aux_loss(model) yourself).
     steps = 5 if args.quick else 40
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()

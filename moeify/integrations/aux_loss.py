@@ -52,7 +52,7 @@ def has_aux_loss_hook(model: nn.Module) -> bool:
 
 
 def install_aux_loss_hook(model: nn.Module) -> nn.Module:
-    """Make `model`'s forward add its routers' aux losses to the returned `loss` while training. Idempotent."""
+    """Make `model`'s forward add its routers' aux losses to its returned `loss` in training. Idempotent."""
     if not has_aux_loss_hook(model):
         model.register_forward_hook(_add_aux_loss)
     return model

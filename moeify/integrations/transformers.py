@@ -34,7 +34,7 @@ try:
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError:
-    raise MoeifyError("moeify.integrations.transformers needs transformers; pip install \"moeify[hf]\"") from None
+    raise MoeifyError("RoutingCallback needs transformers: pip install 'moeify[hf]'") from None
 
 PREFIX = "moe"
 HEATMAP_NAME = "expert_load.png"
@@ -92,7 +92,8 @@ class RoutingCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():  # a save without a checkpoint folder (e.g. a custom Trainer): next to them
             folder = Path(args.output_dir)
-        fig = expert_load_heatmap(stats, folder / HEATMAP_NAME, title=f"Expert load, step {state.global_step}")
+        title = f"Expert load, step {state.global_step}"
+        fig = expert_load_heatmap(stats, folder / HEATMAP_NAME, title=title)
         _close(fig)
 
 

@@ -39,9 +39,9 @@ def _trainer(tmp_path, callbacks=()):
     from moeify.zoo import tiny_llama
 
     model = moeify.convert(tiny_llama(num_hidden_layers=2), experts=4, k=2).train()
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
-                                          logging_steps=2, save_steps=2, report_to=[], use_cpu=True,
-                                          disable_tqdm=True)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, logging_steps=2,
+                                          save_steps=2, per_device_train_batch_size=4, report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
     return transformers.Trainer(model=model, args=args, train_dataset=Batches(), callbacks=list(callbacks))
 
 
@@ -92,7 +92,8 @@ def test_routing_logs_match_the_layers():
         balance = float(-(load * load.clamp(min=1e-12).log()).sum() / torch.log(torch.tensor(4.0)))
         assert logs[f"moe/{name}/balance"] == pytest.approx(balance, abs=1e-6)
         assert logs[f"moe/{name}/dropped"] == layer_stats.dropped_fraction > 0  # capacity 0.5 drops some
-        assert logs[f"moe/{name}/aux_loss"] == pytest.approx(float(model.get_submodule(name).last_aux_loss.detach()))
+        aux = float(model.get_submodule(name).last_aux_loss.detach())
+        assert logs[f"moe/{name}/aux_loss"] == pytest.approx(aux)
 
 
 def test_heatmap_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
