@@ -24,10 +24,15 @@ Three contenders on the same input, measured side by side in one run:
           can be.
 Times are medians over interleaved repeats (contender A, B, C, A, B, C, ...), so load from other processes
 on a shared machine hits all three alike and the ratios stay meaningful even when absolute times drift.
-"forward" runs under no_grad; "fwd+bwd" is forward with grad plus backward of a fixed output gradient,
-parameter grads set to None before each step.
+"forward" runs under no_grad; "fwd+bwd" is forward with grad plus backward of a fixed output gradient, under
+one of two training protocols (`--protocol`, default both):
+  fwd+bwd      parameter grads set to None before each step (`zero_grad(set_to_none=True)` every step):
+               every backward writes fresh gradient tensors.
+  fwd+bwd acc  gradient accumulation: no zero_grad between steps, every backward adds into the existing
+               gradients (read + write of each weight's gradient; its floor counts that).
 
 Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] [--gated] [--no-recycle]
+     [--protocol set_to_none|accumulate|both]
 (glibc settings change the fresh-memory costs: see the README's speed section.)
 `--device cuda` runs the GPU table instead (bfloat16, achieved TFLOP/s, the issue's shapes): see
 benchmarks/moe_layer_gpu.py.
@@ -127,6 +132,10 @@ class ExpertsOnly:
         for expert, rows in zip(self.experts, self.rows, strict=True):
             rows.grad = None
             expert.zero_grad(set_to_none=True)
+        self.accumulate_step()
+
+    def accumulate_step(self) -> None:
+        """A training step under gradient accumulation: backward adds into the grads of the step before."""
         outs = [expert(rows) for expert, rows in zip(self.experts, self.rows, strict=True)]
         torch.autograd.backward(outs, self.grads)
 
@@ -161,6 +170,17 @@ def _train_step(model: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]
     return step
 
 
+def _accumulate_step(model: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    def step() -> None:  # no zero_grad: backward adds into the parameter (and input) grads of the last step
+        model(x).backward(grad)
+    return step
+
+
+# pass name -> (step builder, ExpertsOnly method) of each training protocol
+PROTOCOLS = {"set_to_none": ("fwd+bwd", _train_step, "train_step"),
+             "accumulate": ("fwd+bwd acc", _accumulate_step, "accumulate_step")}
+
+
 def stream_bandwidth(nbytes: int, repeats: int) -> tuple[float, float]:
     """This machine's (read, write) memory bandwidth in bytes/s: median time to sum, and to fill, a buffer of
     `nbytes` (much larger than the caches, like the stacked expert weights)."""
@@ -172,11 +192,12 @@ def stream_bandwidth(nbytes: int, repeats: int) -> tuple[float, float]:
 def weights_floor(cfg: moeify.MoEConfig, read_bw: float, write_bw: float) -> dict[str, float]:
     """Seconds to move the expert weights once per pass that needs them (see the module docstring)."""
     nbytes = cfg.num_experts * (cfg.expert_in_width + cfg.d_ff) * cfg.d_model * 4  # w1 + w2, float32
-    return {"forward": nbytes / read_bw, "fwd+bwd": 2 * nbytes / read_bw + nbytes / write_bw}
+    return {"forward": nbytes / read_bw, "fwd+bwd": 2 * nbytes / read_bw + nbytes / write_bw,
+            "fwd+bwd acc": 3 * nbytes / read_bw + nbytes / write_bw}  # accumulating also reads the grads
 
 
 def run_case(T: int, E: int, k: int, d_model: int, d_ff: int, activation: str, gated: bool,
-             repeats: int) -> dict[str, dict[str, float]]:
+             repeats: int, protocols: tuple[str, ...] = ("set_to_none",)) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     cfg = moeify.MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=E, k=k, router="topk",
                            activation=activation, gated=gated)
@@ -190,12 +211,13 @@ def run_case(T: int, E: int, k: int, d_model: int, d_ff: int, activation: str, g
     grad = torch.randn(T, d_model)  # [T, D]
     experts = ExpertsOnly(contenders["loop"], x)
     forward_steps = {n: _forward_step(m, x) for n, m in contenders.items()}
-    train_steps = {n: _train_step(m, x, grad) for n, m in contenders.items()}
-    forward_steps["experts"], train_steps["experts"] = experts.forward_step, experts.train_step
-    result = {
-        "forward": interleaved_medians(forward_steps, repeats),
-        "fwd+bwd": interleaved_medians(train_steps, repeats),
-    }
+    forward_steps["experts"] = experts.forward_step
+    result = {"forward": interleaved_medians(forward_steps, repeats)}
+    for protocol in protocols:
+        name, build, method = PROTOCOLS[protocol]
+        steps = {n: build(m, x, grad) for n, m in contenders.items()}
+        steps["experts"] = getattr(experts, method)
+        result[name] = interleaved_medians(steps, repeats)
     del contenders
     return result
 
@@ -209,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-recycle", action="store_true",
                         help="fresh memory for every stacked weight gradient (moeify.dispatch.buffers off)")
+    parser.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="both",
+                        help="training protocol(s) of the fwd+bwd rows: set_to_none (zero_grad every step), "
+                             "accumulate (gradient accumulation, no zero_grad), both (default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the GPU table in bfloat16 with TFLOP/s (benchmarks/moe_layer_gpu.py)")
     args = parser.parse_args(argv)
@@ -221,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                                            args.activation, args.gated))
         return
     torch.set_num_threads(args.threads)
+    protocols = tuple(PROTOCOLS) if args.protocol == "both" else (args.protocol,)
     moeify.dispatch.set_grad_buffer_recycling(not args.no_recycle)
     if args.quick:
         cases, d_model, d_ff, repeats = [(64, 4), (32, 8)], 32, 64, args.repeats or 2
@@ -239,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         for k in (1, 2):
             cfg = moeify.MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=E, k=k, gated=args.gated)
             floor = weights_floor(cfg, read_bw, write_bw)
-            result = run_case(T, E, k, d_model, d_ff, args.activation, args.gated, repeats)
+            result = run_case(T, E, k, d_model, d_ff, args.activation, args.gated, repeats, protocols)
             for name, t in result.items():
                 t = dict(t, floor=floor[name])
                 times = (f"{t[c] * 1e3:.1f}" for c in ("dense", "moeify", "loop", "experts", "floor"))

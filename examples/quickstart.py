@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     convert_diff = (after - before).abs().max().item()
     print(f"max |logits after convert - before| = {convert_diff:.2e}  (copy init preserves the function)")
 
-    # 3. train: the usual loop, plus the routers' auxiliary losses (load balance, z-loss)
+    # 3. train: the usual loop. In training mode a converted HF model's `out.loss` already includes the
+    #    routers' auxiliary losses (load balance, z-loss), reported alone as `out.aux_loss`, as Mixtral does
+    #    (ConvertConfig.add_aux_loss; a model returning plain tensors: add moeify.aux_loss(model) yourself).
     steps = 5 if args.quick else 40
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -66,13 +68,13 @@ def main(argv: list[str] | None = None) -> dict:
         start = torch.randint(0, data.numel() - 33, (8,))  # [B]
         batch = data[start[:, None] + torch.arange(33)]  # [B, 33]
         out = model(batch[:, :-1], labels=batch[:, :-1])  # HF shifts the labels itself
-        loss = out.loss + moeify.aux_loss(model)
         opt.zero_grad()
-        loss.backward()
+        out.loss.backward()  # LM loss + aux loss
         opt.step()
-        losses.append(out.loss.item())
+        lm = (out.loss - out.aux_loss).item()
+        losses.append(lm)
         if step % max(1, steps // 5) == 0 or step == steps - 1:
-            print(f"step {step:3d}  lm loss {out.loss.item():.3f}  aux {(loss - out.loss).item():.4f}")
+            print(f"step {step:3d}  lm loss {lm:.3f}  aux {out.aux_loss.item():.4f}")
     model.eval()
     for name, s in moeify.routing_stats(model).items():
         print(f"{name}: expert load {[round(v, 2) for v in s.load.tolist()]}")

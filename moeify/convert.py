@@ -22,6 +22,7 @@ from moeify.activations import CUSTOM
 from moeify.config import ConfigError, MoEConfig
 from moeify.convert_config import ConvertConfig, config_from_call
 from moeify.errors import MoeifyError
+from moeify.integrations.aux_loss import install_aux_loss_hook, remove_aux_loss_hook
 from moeify.layer import MoELayer
 from moeify.passes import (
     Analyse,
@@ -162,6 +163,7 @@ def convert(
         runner.run(WireTokenIds(id_readers), target)
     report = _report(target, analysis, layers, params_before, config=config, passes=runner.summaries)
     setattr(target, REPORT_ATTR, report)
+    (install_aux_loss_hook if config.add_aux_loss else remove_aux_loss_hook)(target)
     return target
 
 

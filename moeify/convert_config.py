@@ -67,6 +67,10 @@ class ConvertConfig(JsonConfig):
             with init="none" gets the same shapes.
         seed: seeds the layers' random init (routers, init="none") and, for a named init, the strategy.
             Note that `replace(seed=...)` does not re-seed an `init` that is already an UpcycleConfig.
+        add_aux_loss: in training mode, add the routers' auxiliary losses (`moeify.aux_loss`) to the
+            `loss` the model's forward returns (a Hugging Face output or a dict with "loss") and report them
+            as `aux_loss`, as Mixtral does, so Trainer/TRL/accelerate loops train them unchanged. Outputs
+            without a loss, and eval mode, are left alone. See `moeify.integrations.aux_loss`.
         version: format version (for JSON written by another moeify).
     """
 
@@ -80,6 +84,7 @@ class ConvertConfig(JsonConfig):
     every: int = 1
     expert_d_ff: int | Mapping[str, int] | None = None
     seed: int = 0
+    add_aux_loss: bool = True
     version: int = CONVERT_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -93,6 +98,8 @@ class ConvertConfig(JsonConfig):
         _need(_is_int(self.every) and self.every >= 1,
               f"every must be an integer >= 1 (2 converts every other FFN), got {self.every!r}")
         _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _need(isinstance(self.add_aux_loss, bool),
+              f"add_aux_loss must be True or False, got {self.add_aux_loss!r}")
         set_ = object.__setattr__  # frozen: normalise the accepted spellings once, here
         set_(self, "layer", _checked_layer(self.layer))
         self.layer_config(d_model=1, d_ff=1)  # the router name and every layer value, checked by MoEConfig

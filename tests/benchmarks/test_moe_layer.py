@@ -19,6 +19,35 @@ def test_moe_layer_benchmark_quick_runs():
                    "experts/dense", "moeify/experts", "moeify/floor"):
         assert column in proc.stdout
     assert "fwd+bwd" in proc.stdout and "forward" in proc.stdout
+    assert "fwd+bwd acc" in proc.stdout  # both training protocols by default
+
+
+def test_moe_layer_benchmark_one_protocol():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--quick", "--protocol",
+                           "accumulate"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "fwd+bwd" in line]
+    assert len(rows) == 4 and all("fwd+bwd acc" in row for row in rows)  # 2 shapes x k in (1, 2)
+
+
+def test_accumulate_protocol_adds_into_the_gradients():
+    """The accumulation step leaves the grads of two steps (twice one step's), the set_to_none step one's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import moe_layer
+    import torch
+
+    import moeify
+
+    torch.manual_seed(0)
+    layer = moeify.MoELayer(moeify.MoEConfig(d_model=8, d_ff=16, num_experts=4, k=2))
+    x, grad = torch.randn(10, 8, requires_grad=True), torch.randn(10, 8)  # [T, D]
+    moe_layer._train_step(layer, x, grad)()
+    once = layer.w1.grad.clone()
+    accumulate = moe_layer._accumulate_step(layer, x, grad)
+    accumulate()
+    torch.testing.assert_close(layer.w1.grad, 2 * once)
+    moe_layer._train_step(layer, x, grad)()
+    torch.testing.assert_close(layer.w1.grad, once)
 
 
 @pytest.mark.slow
