@@ -1,5 +1,5 @@
 """One safetensors file, read without the safetensors library: its header, checked, and its tensors read
-one at a time (into fresh memory, for streaming) or mapped (copy-on-write mmap, for loading).
+one at a time into fresh memory (what streaming conversion and `moeify.load` need).
 
 Format: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype", "shape", "data_offsets":
 [begin, end]}, "__metadata__": {...}}, then the data; offsets count from the end of the header.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,22 +92,3 @@ def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
         if got != info.nbytes:
             raise _damaged(path, f"{got} of {info.nbytes} bytes at offset {info.begin}")
     return buf.view(info.dtype).view(info.shape)
-
-
-class MappedFile:
-    """A copy-on-write map of a safetensors file: tensors view its pages (loaded when first touched), so
-    loading takes no second copy; writing to a tensor copies only the pages written, never the file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tensors, self.metadata = read_header(path)
-        with open(path, "rb") as f:
-            size = path.stat().st_size
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-
-    def get(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        count = info.nbytes // info.dtype.itemsize
-        return torch.frombuffer(self._map, dtype=info.dtype, count=count, offset=info.begin).view(info.shape)

@@ -237,12 +237,13 @@ def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorRea
 def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: ConvertConfig | None = None, *,
                        fmt: str = "moeify", dtype: torch.dtype | None = None,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
-                       progress: Progress | None = None, **options) -> Path:
+                       progress: Progress | None = None, **options):
     """Convert `source` (a Hugging Face safetensors directory, or a dense model in memory) and write the
     result to `out` (`fmt`: "moeify", or "mixtral" / "qwen2_moe" / "qwen3_moe"), streaming.
 
     dtype: the output's floating dtype (default: each tensor's own). progress(done, total) in bytes.
-    Same options and same result as `moeify.save(moeify.convert(model, config), out)`.
+    Same options and same result as `moeify.save(moeify.convert(model, config), out)` (or `export_hf`).
+    Returns the conversion's `ConversionReport`.
     """
     config = config_from_call(config, options)
     _refuse_calibration(config)
@@ -285,7 +286,9 @@ def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: 
                               "permissions") from e
         finally:
             writer.abort()
-    return out
+    import moeify
+
+    return moeify.conversion_report(plan.structure)
 
 
 def _finish(tmp: Path, plan: Plan, fmt: str, hf_cfg, record: dict, files: list[str], generation) -> None:
