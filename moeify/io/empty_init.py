@@ -40,5 +40,5 @@ def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` whose parameters are on the meta device (buffers copied): its structure,
     at the cost of its buffers only. Tied parameters stay tied."""
     memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in model.parameters(remove_duplicate=True)}
+            for p in model.parameters()}
     return copy.deepcopy(model, memo)

@@ -53,11 +53,11 @@ def assign_weights(model: nn.Module, directory: Path, aliases: dict[str, str] | 
                           f"{missing[0]}); the weights are incomplete")
     model.load_state_dict(state, strict=False, assign=True)
     _retie(model, aliases or {})
-    if device is not None or dtype is not None:  # buffers built by the constructors (not in the files)
+    if device is not None:  # buffers the constructors built (not in the files): moved, dtype kept
         for module in model.modules():
             for name, buf in module._buffers.items():
                 if buf is not None:
-                    module._buffers[name] = _converted(buf, dtype, device)
+                    module._buffers[name] = buf.to(device)
 
 
 def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
