@@ -162,8 +162,9 @@ def convert(ctx: click.Context, model: str, config_file: Path | None, experts: i
 
     console = out_console()
     if stream and streamable(model, fmt):
-        return convert_streaming(model, out, fmt, config, dtype=dtype, shard_bytes=shard_bytes, force=force,
-                                 console=console)
+        if convert_streaming(model, out, fmt, config, dtype=dtype, shard_bytes=shard_bytes, force=force,
+                             console=console):
+            return
     loaded, load_s = load_source(model, arch, trust_pickle)
     net = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
     if any(isinstance(m, moeify.MoELayer) for m in net.modules()):

@@ -36,23 +36,30 @@ def streamable(model: str, fmt: str) -> bool:
 
 
 def convert_streaming(model: str, out: Path, fmt: str, config, *, dtype: str | None, shard_bytes: int,
-                      force: bool, console) -> None:
+                      force: bool, console) -> bool:
+    """Stream `model` to `out`; False (nothing written) when its tensors do not map one to one onto the
+    model's, so the caller converts it in memory instead."""
     import time
 
     import torch
 
     from moeify.cli.common import byte_progress, dir_size, human_bytes
     from moeify.cli.summary import conversion_table, totals_line
-    from moeify.io.streaming import convert_checkpoint
+    from moeify.io.streaming import NotStreamable, convert_checkpoint
 
-    console.print(f"streaming {model} -> {out} ({fmt}): one FFN in memory at a time")
     start = time.perf_counter()
-    with byte_progress(f"converting {model}") as progress:
-        report = convert_checkpoint(Path(model), out, config, fmt=fmt, max_shard_bytes=shard_bytes,
-                                    dtype=getattr(torch, dtype) if dtype else None, force=force,
-                                    progress=progress)
+    try:
+        with byte_progress(f"converting {model} (streamed)") as progress:
+            report = convert_checkpoint(Path(model), out, config, fmt=fmt, max_shard_bytes=shard_bytes,
+                                        dtype=getattr(torch, dtype) if dtype else None, force=force,
+                                        progress=progress)
+    except NotStreamable as e:
+        console.print(f"note: not streamed, loading it whole: {e}")
+        return False
     console.print(conversion_table(report))
     console.print(totals_line(report))
-    console.print(f"wrote {out} ({human_bytes(dir_size(out))}, {fmt}) in {time.perf_counter() - start:.1f}s")
+    console.print(f"wrote {out} ({human_bytes(dir_size(out))}, {fmt}, streamed) in "
+                  f"{time.perf_counter() - start:.1f}s")
     if fmt == "moeify":
         console.print(f"next: moeify verify {model} {out}")
+    return True

@@ -42,6 +42,11 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 HF_EXPERT_NAMES = {"gate.weight": "router.weight", "experts.gate_up_proj": "w1", "experts.down_proj": "w2"}
 
 
+class NotStreamable(MoeifyError):
+    """The checkpoint's tensors do not map one to one onto the model's (renamed or missing ones, which
+    transformers fixes up when loading); raised before anything is written. Loading it whole works."""
+
+
 class TensorReader:
     """Dense tensors by the structure's names: from the source, through tied aliases, cast to `dtype`
     (floating tensors only). Also what `_build_layer` reads an FFN's weights from (`get_parameter`)."""
@@ -106,11 +111,12 @@ def check_fits(structure: nn.Module, reader: TensorReader, label: str) -> None:
             if name in reader.buffers:
                 continue
             if extra:
-                raise MoeifyError(f"the tensor names in {label} differ from the model's (first missing: {name}, "
-                                  f"first unknown: {extra[0]}): transformers renames them when loading, "
-                                  "streaming does not; convert in memory (--no-stream)")
-            raise MoeifyError(f"tensor {name} of the model its config describes is in no file of {label}; "
-                              "the config and the weights disagree")
+                raise NotStreamable(f"the tensor names in {label} differ from the model's (first missing: "
+                                    f"{name}, first unknown: {extra[0]}): transformers renames them when "
+                                    "loading, streaming does not; convert in memory (--no-stream)")
+            raise NotStreamable(f"tensor {name} of the model its config describes is in no file of {label} "
+                                "(transformers would initialise it at random); streaming copies tensors and "
+                                "cannot: convert in memory (--no-stream)")
         if tuple(source.shape(found)) != tuple(t.shape):
             raise MoeifyError(f"{found} has shape {tuple(source.shape(found))} in {source.where(found)} but "
                               f"{tuple(t.shape)} in the model its config describes; the config and the "

@@ -197,7 +197,10 @@ def test_config_that_disagrees_with_the_weights(tmp_path):
 
 def test_renamed_checkpoint_names_say_what_to_do(tmp_path):
     src = _checkpoint(tmp_path, "vit")  # transformers 5 writes ViT under its legacy names
-    _one_line_error(src, tmp_path / "out", "--no-stream")
+    from moeify.io.streaming import NotStreamable
+
+    with pytest.raises(NotStreamable, match="--no-stream"):
+        convert_checkpoint(src, tmp_path / "out", **_options("copy"))
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
@@ -218,3 +221,26 @@ def test_kmeans_router_is_refused_with_what_to_do(tmp_path):
     src = _checkpoint(tmp_path, "llama")
     with pytest.raises(MoeifyError, match="in memory"):
         convert_checkpoint(src, tmp_path / "out", experts=4, init={"init": "copy", "router_init": "kmeans"})
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+
+def test_cli_streams_a_safetensors_directory(run, tmp_path):
+    src = _checkpoint(tmp_path, "llama")
+    result = run("convert", src, "-e", "4", "--seed", "3", "--shard-size", "40KB", "--dtype", "bfloat16",
+                 "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert "streamed" in result.output
+    assert (tmp_path / "out" / INDEX_FILE).exists()
+    model = load_hf_dir(src).model.to(torch.bfloat16)
+    moeify.save(moeify.convert(model, experts=4, k=2, seed=3), tmp_path / "memory")
+    _assert_bit_identical(tmp_path / "out", tmp_path / "memory")
+
+
+def test_cli_falls_back_to_memory_when_names_do_not_map(run, tmp_path):
+    src = _checkpoint(tmp_path, "vit")
+    result = run("convert", src, "-e", "4", "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert "not streamed" in result.output
+    assert any(isinstance(m, moeify.MoELayer) for m in moeify.load(tmp_path / "out").modules())
