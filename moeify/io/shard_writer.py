@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moeify.io.safetensors_file import DTYPE_NAMES
-from moeify.io.weights import INDEX_FILE, SINGLE_FILE
+from moeify.io.weights import INDEX_FILE, SINGLE_FILE, _umask
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -122,8 +122,3 @@ class ShardWriter:
             self._file.close()
             self._file = None
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
