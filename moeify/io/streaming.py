@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeify.convert import _build_layer, _expert_width, convert, select_sites
 from moeify.convert_config import ConvertConfig, config_from_call
 from moeify.errors import MoeifyError
 from moeify.io.atomic import atomic_output
@@ -37,6 +38,9 @@ from moeify.io.empty_init import empty_params
 from moeify.io.lazy_source import CheckpointSource, ModelSource, hf_structure, model_structure
 from moeify.io.shard_writer import ShardWriter, Slot
 from moeify.io.weights import DEFAULT_SHARD_BYTES
+from moeify.layer import MoELayer
+from moeify.report import REPORT_ATTR, conversion_report
+from moeify.version import __version__
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 HF_EXPERT_NAMES = {"gate.weight": "router.weight", "experts.gate_up_proj": "w1", "experts.down_proj": "w2"}
@@ -157,19 +161,15 @@ def _refuse_calibration(config: ConvertConfig) -> None:
 
 def plan_conversion(structure: nn.Module, reader: TensorReader, config: ConvertConfig) -> Plan:
     """Analyse and convert the structure (init="none", the real init's widths) and lay out the output."""
-    import moeify
-    from moeify.convert import _expert_width, select_sites
-    from moeify.report import REPORT_ATTR
-
     _, _, sites = select_sites(structure, config)
     widths = {site.match.name: _expert_width(config, site) for site in sites}
     with empty_params():
-        moeify.convert(structure, config.replace(init="none", expert_d_ff=widths), inplace=True)
-    report = moeify.conversion_report(structure)
+        convert(structure, config.replace(init="none", expert_d_ff=widths), inplace=True)
+    report = conversion_report(structure)
     recorded = report.config.replace(init=config.init)  # what `moeify.convert` with `config` records
     setattr(structure, REPORT_ATTR, dataclasses.replace(report, config=recorded))
 
-    paths = list(dict.fromkeys(n for n, m in structure.named_modules() if isinstance(m, moeify.MoELayer)))
+    paths = list(dict.fromkeys(n for n, m in structure.named_modules() if isinstance(m, MoELayer)))
     if len(paths) != len(sites) or any(not p.startswith(s.match.name) for p, s in zip(paths, sites)):
         raise MoeifyError(f"internal: {len(paths)} MoE layers placed for {len(sites)} FFNs; convert in memory "
                           "(moeify.convert) and report this")
@@ -218,8 +218,6 @@ def hf_layout(plan: Plan, fmt: str) -> tuple[list[Slot], dict[str, tuple], objec
 def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorReader, config: ConvertConfig,
                   writer: ShardWriter) -> None:
     """Produce each output tensor in order: MoE layers one at a time, everything else copied through."""
-    from moeify.convert import _build_layer
-
     current: tuple[str, dict] | None = None
     for slot in slots:
         kind, *where = origin[slot.name]
@@ -282,7 +280,7 @@ def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: 
     else:
         slots, origin, hf_cfg = hf_layout(plan, fmt)
     with atomic_output(out, directory=True, force=force, inputs=inputs) as tmp:
-        writer = ShardWriter(tmp, slots, max_shard_bytes, {"moeify_version": _version()}, progress)
+        writer = ShardWriter(tmp, slots, max_shard_bytes, {"moeify_version": __version__}, progress)
         try:
             write_tensors(plan, slots, origin, reader, config, writer)
             files = writer.files()
@@ -292,9 +290,7 @@ def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: 
                               "permissions") from e
         finally:
             writer.abort()
-    import moeify
-
-    return moeify.conversion_report(plan.structure)
+    return conversion_report(plan.structure)
 
 
 def _finish(tmp: Path, plan: Plan, fmt: str, hf_cfg, record: dict, files: list[str], generation) -> None:
@@ -312,8 +308,3 @@ def _finish(tmp: Path, plan: Plan, fmt: str, hf_cfg, record: dict, files: list[s
     elif generation is not None:
         generation.save_pretrained(str(tmp))
 
-
-def _version() -> str:
-    import moeify
-
-    return moeify.__version__
