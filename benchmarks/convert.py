@@ -1,14 +1,18 @@
-"""Conversion cost: time and peak memory of `moeify convert` on a ~300M-parameter LLaMA, next to saving it.
+"""Conversion cost at checkpoint scale: peak memory and time of streaming `moeify convert` and of
+`moeify.load`, next to copying the output's bytes.
 
-    python benchmarks/convert.py            # LLaMA-architecture, ~300M parameters, 8 experts (a few minutes)
-    python benchmarks/convert.py --quick    # a small LLaMA: smoke test, seconds
+    python benchmarks/convert.py                    # d=2048, d_ff=5632, 4 layers, bf16 (~0.7 GB in)
+    python benchmarks/convert.py --layers 22        # TinyLlama's shape, 1.1 B parameters (~13 GB out)
+    python benchmarks/convert.py --quick            # a small LLaMA: smoke test, seconds
 
-Each measurement runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own:
-  save-dense  build the dense model, then time `moeify.save(dense)` (safetensors; the baseline)
-  convert     build the dense model, then time what `moeify convert` does: find the FFNs, convert in place
-              (copy init, top-2 routing), write safetensors + recipe
-The model is built from a config with random weights (no download); building it is not timed. Peak RSS
-includes the dense model, so the bound to compare with is "dense weights + output".
+A synthetic LLaMA-architecture checkpoint (config.json + bf16 safetensors shards of random values) is
+written tensor by tensor, so making it needs no RAM. Each measurement then runs in a fresh subprocess, so
+its peak RSS (ru_maxrss) is its own:
+  copy        copy the moeify output's files (the floor: reading and writing those bytes)
+  convert     `moeify convert SRC -e E --k 2 --init copy` (streamed; moeify format)
+  mixtral     the same with `--format mixtral`
+  load        `moeify.load(OUT)` of the moeify output
+  runtime     python + torch + transformers + moeify imported, nothing else (what every row pays)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,113 +30,123 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, also when not installed
 
-CONFIGS = {
-    # 18 layers x (attention 4.2M + SwiGLU FFN 8.7M) + embeddings and head 2 x 32.8M = 297M parameters
-    "full": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=18,
-                 num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-                 tie_word_embeddings=False),
-    "quick": dict(vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                  tie_word_embeddings=False),
+SHAPES = {
+    "full": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                 num_key_value_heads=4),
+    "quick": dict(vocab_size=1000, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                  num_key_value_heads=4),
 }
 
 
-def build(size: str):
+def write_checkpoint(directory: Path, shape: dict, layers: int, shard_bytes: int) -> int:
+    """A LLaMA checkpoint of random bf16 values, one tensor in memory at a time; returns its bytes."""
     import torch
     import transformers
-    from transformers.initialization import no_init_weights
 
-    with no_init_weights():
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS[size]))
+    from moeify.io.lazy_source import hf_structure
+    from moeify.io.shard_writer import ShardWriter, Slot
+
+    directory.mkdir(parents=True)
+    config = transformers.LlamaConfig(**shape, num_hidden_layers=layers, tie_word_embeddings=False,
+                                      max_position_embeddings=2048, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(directory)
+    structure, _ = hf_structure(directory)
+    slots = [Slot(n, tuple(p.shape), torch.bfloat16) for n, p in structure.named_parameters()]
+    writer = ShardWriter(directory, slots, shard_bytes)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # real values in every page (uninitialised memory would not count in RSS)
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
+    for slot in slots:
+        writer.write(slot.name, (torch.randn(slot.shape, generator=gen) * 0.02).to(torch.bfloat16))
+    writer.files()
+    return sum(s.nbytes for s in slots)
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def child(mode: str, size: str, experts: int, out: str) -> dict:
+def child(mode: str, src: str, out: str, experts: int) -> dict:
+    import torch  # noqa: F401  (the runtime: imported before the clock starts)
     import transformers
 
     import moeify
-    from moeify.cli.progress import convert_with_progress
+    from moeify.io.streaming import convert_checkpoint
 
-    _ = transformers.LlamaForCausalLM  # resolve the lazy import before measuring the runtime's memory
-    rss_runtime = peak_rss_bytes()
-    model = build(size)
-    dense_params = sum(p.numel() for p in model.parameters())
-    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rss_before = peak_rss_bytes()
-    result = {"mode": mode, "dense_parameters": dense_params, "dense_bytes": dense_bytes}
+    _ = transformers.LlamaForCausalLM, transformers.MixtralForCausalLM
     start = time.perf_counter()
-    if mode == "save-dense":
-        moeify.save(model, out, source={"kind": "unknown"})
-    else:
-        model = convert_with_progress(model, dict(experts=experts, k=2, init="copy", router="topk", seed=0))
-        result["convert_s"] = time.perf_counter() - start
-        write_start = time.perf_counter()
-        moeify.save(model, out, source={"kind": "unknown"})
-        result["write_s"] = time.perf_counter() - write_start
-        result["moe_parameters"] = sum(p.numel() for p in model.parameters())
-    result["total_s"] = time.perf_counter() - start
-    result["output_bytes"] = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    result["rss_after_build_bytes"] = rss_before
-    result["rss_runtime_bytes"] = rss_runtime
-    return result
+    if mode == "convert":
+        convert_checkpoint(Path(src), Path(out), experts=experts, k=2, init="copy")
+    elif mode == "mixtral":
+        convert_checkpoint(Path(src), Path(out), fmt="mixtral", experts=experts, k=2, init="copy")
+    elif mode == "load":
+        model = moeify.load(out)
+        sum(float(p.sum()) for p in model.parameters())  # touch every weight
+    elif mode == "copy":
+        shutil.copytree(src, out)
+    return {"mode": mode, "seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes()}
 
 
-def run_child(mode: str, size: str, experts: int, workdir: Path) -> dict:
-    out = workdir / mode
-    command = [sys.executable, __file__, "--child", mode, "--size", size, "--experts", str(experts),
-               "--out", str(out)]
+def run_child(mode: str, src: Path, out: Path, experts: int) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--src", str(src), "--out", str(out),
+               "--experts", str(experts)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{mode} failed:\n{proc.stderr}")
+        sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def gb(n: float) -> str:
+def size_of(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def gib(n: float) -> str:
     return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model, for a smoke test")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small model, for a smoke test")
+    parser.add_argument("--layers", type=int, help="decoder layers (default 4; 2 with --quick)")
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--dir", type=Path, help="where to write (default: a temporary directory, removed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.size, args.experts, args.out)))
+        print(json.dumps(child(args.child, args.src, args.out, args.experts)))
         return
-    size = "quick" if args.quick else "full"
-    with tempfile.TemporaryDirectory(prefix="moeify-bench-", dir=os.environ.get("TMPDIR")) as tmp:
-        dense = run_child("save-dense", size, args.experts, Path(tmp))
-        moe = run_child("convert", size, args.experts, Path(tmp))
-    print(f"moeify convert benchmark: LLaMA ({size}), {dense['dense_parameters'] / 1e6:.0f}M parameters "
-          f"(fp32 {gb(dense['dense_bytes'])}) -> {args.experts} experts, top-2, copy init: "
-          f"{moe['moe_parameters'] / 1e6:.0f}M parameters; {os.cpu_count()} CPUs")
-    print(f"{'':28}{'time':>10}{'peak RSS':>12}{'output':>12}")
-    print(f"{'save dense (baseline)':28}{dense['total_s']:>9.2f}s{gb(dense['peak_rss_bytes']):>12}"
-          f"{gb(dense['output_bytes']):>12}")
-    print(f"{'convert + write':28}{moe['total_s']:>9.2f}s{gb(moe['peak_rss_bytes']):>12}"
-          f"{gb(moe['output_bytes']):>12}")
-    print(f"{'  of which convert':28}{moe['convert_s']:>9.2f}s")
-    print(f"{'  of which write':28}{moe['write_s']:>9.2f}s")
-    ratio = moe["total_s"] / max(dense["total_s"], 1e-9)
-    bound = dense["dense_bytes"] + moe["output_bytes"]
-    print(f"ratio convert+write / save dense: {ratio:.1f}x (the output is "
-          f"{moe['output_bytes'] / max(dense['output_bytes'], 1):.1f}x larger)")
-    print(f"peak RSS {gb(moe['peak_rss_bytes'])} = runtime (python, torch, transformers) "
-          f"{gb(moe['rss_runtime_bytes'])} + {gb(moe['peak_rss_bytes'] - moe['rss_runtime_bytes'])} for the "
-          f"model; bound dense weights + output = {gb(bound)}")
+    shape = SHAPES["quick" if args.quick else "full"]
+    layers = args.layers or (2 if args.quick else 4)
+    with tempfile.TemporaryDirectory(prefix="moeify-bench-", dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        made = time.perf_counter()
+        dense = write_checkpoint(tmp / "src", shape, layers, 256 * 1024**2 if not args.quick else 200_000)
+        made = time.perf_counter() - made
+        rows = {"runtime": run_child("none", tmp / "src", tmp / "none", args.experts)}
+        rows["convert"] = run_child("convert", tmp / "src", tmp / "moe", args.experts)
+        out_bytes = size_of(tmp / "moe")
+        rows["copy"] = run_child("copy", tmp / "moe", tmp / "moe-copy", args.experts)
+        shutil.rmtree(tmp / "moe-copy")
+        rows["mixtral"] = run_child("mixtral", tmp / "src", tmp / "mixtral", args.experts)
+        mixtral_bytes = size_of(tmp / "mixtral")
+        shutil.rmtree(tmp / "mixtral")
+        rows["load"] = run_child("load", tmp / "src", tmp / "moe", args.experts)
+    runtime = rows["runtime"]["peak_rss"]
+    copy_s = max(rows["copy"]["seconds"], 1e-9)
+    print(f"moeify convert benchmark: LLaMA d={shape['hidden_size']} d_ff={shape['intermediate_size']} "
+          f"{layers} layers, bf16, {gib(dense)} in (written in {made:.0f}s) -> {args.experts} experts, "
+          f"top-2, copy: {gib(out_bytes)} out (mixtral {gib(mixtral_bytes)}); {os.cpu_count()} CPUs")
+    print(f"{'':26}{'time':>9}{'x copy':>8}{'peak RSS':>11}{'over runtime':>14}")
+    for name, label in (("runtime", "runtime (imports)"), ("copy", "copy output bytes"),
+                        ("convert", "convert (moeify format)"), ("mixtral", "convert --format mixtral"),
+                        ("load", "moeify.load")):
+        r = rows[name]
+        ratio = f"{r['seconds'] / copy_s:.1f}x" if name in ("convert", "mixtral") else ""
+        seconds = f"{r['seconds']:.1f}s" if name != "runtime" else ""
+        print(f"{label:26}{seconds:>9}{ratio:>8}{gib(r['peak_rss']):>11}{gib(r['peak_rss'] - runtime):>14}")
+    print(f"load: model {gib(out_bytes)}; peak over runtime {gib(rows['load']['peak_rss'] - runtime)}")
+
 
 if __name__ == "__main__":
     main()

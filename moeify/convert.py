@@ -130,21 +130,7 @@ def convert(
         raise ConfigError(f"inplace must be True or False, got {inplace!r}")
 
     target = model if inplace else copy.deepcopy(model)
-    runner = PassRunner()
-    analysis = runner.run(Analyse(runner.run(Capture(), target)), target)
-    sites = analysis.sites
-    if not sites:
-        raise MoeifyError(
-            f"no FFN found in this {type(model).__name__} ({len(analysis.rejections)} candidates "
-            "rejected); run `moeify inspect -v` (or moeify.explain_ffns(model)) to see why"
-        )
-    include, exclude, every = _listed(config.include), _listed(config.exclude), config.every
-    selected = runner.run(Select(sites, include, exclude, filter_fn, every), target).sites
-    if not selected:
-        raise MoeifyError(
-            f"no FFN selected out of {len(sites)} found (include={include}, exclude={exclude}, "
-            f"every={every}, filter_fn={'set' if filter_fn else None}); loosen the selection"
-        )
+    runner, analysis, selected = select_sites(target, config, filter_fn)
     calib = {}
     if calibration is not None:
         calib = runner.run(Calibrate(selected, calibration), target).inputs
@@ -165,6 +151,28 @@ def convert(
     setattr(target, REPORT_ATTR, report)
     (install_aux_loss_hook if config.add_aux_loss else remove_aux_loss_hook)(target)
     return target
+
+
+def select_sites(target: nn.Module, config: ConvertConfig, filter_fn=None
+                 ) -> tuple[PassRunner, Analysis, tuple[Site, ...]]:
+    """Capture, analyse and select: (the runner, the analysis, the FFN sites `config` selects, in module
+    order). Parameters may be on the meta device (nothing here reads weights)."""
+    runner = PassRunner()
+    analysis = runner.run(Analyse(runner.run(Capture(), target)), target)
+    sites = analysis.sites
+    if not sites:
+        raise MoeifyError(
+            f"no FFN found in this {type(target).__name__} ({len(analysis.rejections)} candidates "
+            "rejected); run `moeify inspect -v` (or moeify.explain_ffns(model)) to see why"
+        )
+    include, exclude, every = _listed(config.include), _listed(config.exclude), config.every
+    selected = runner.run(Select(sites, include, exclude, filter_fn, every), target).sites
+    if not selected:
+        raise MoeifyError(
+            f"no FFN selected out of {len(sites)} found (include={include}, exclude={exclude}, "
+            f"every={every}, filter_fn={'set' if filter_fn else None}); loosen the selection"
+        )
+    return runner, analysis, selected
 
 
 def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int,

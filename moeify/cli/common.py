@@ -17,6 +17,8 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 DEBUG_KEY = "moeify.debug"
@@ -129,7 +131,8 @@ def dir_size(path: Path) -> int:
 @contextmanager
 def byte_progress(description: str):
     """A progress bar over bytes written; yields the (done, total) callback the writers take."""
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=err_console(), transient=False) as progress:
         task = progress.add_task(description, total=None)
 

@@ -20,6 +20,7 @@ from moeify.cli.common import (
     out_console,
     source_options,
 )
+from moeify.cli.streaming import DTYPES, convert_streaming, parse_size, streamable
 
 FORMATS = ("auto", "moeify", "pt", "mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -107,6 +108,12 @@ class LazyChoice(click.Choice):
                    "qwen3_moe: a Hugging Face checkpoint (LLaMA/Mistral, Qwen2, Qwen3 sources). "
                    "auto: pt for OUT ending in .pt, else moeify.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Floating dtype of the output (default: as the input).")
+@click.option("--shard-size", default="2GiB", show_default=True, metavar="SIZE",
+              help="Largest safetensors shard written, e.g. 5GB or 500MB.")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="Convert a Hugging Face safetensors directory one FFN at a time (bounded memory); "
+                   "--no-stream loads it whole first.")
 @source_options
 @debug_option
 @examples("""
@@ -120,12 +127,14 @@ moeify convert moeify.zoo:tiny_llama --config moe.yaml --seed 3    # the file's 
 def convert(ctx: click.Context, model: str, config_file: Path | None, experts: int | None, router: str,
             k: int | None, init: str, every: int, include: tuple[str, ...], exclude: tuple[str, ...],
             capacity_factor: float | None, seed: int, output: Path | None, fmt: str, force: bool,
-            arch: str | None, trust_pickle: bool) -> None:
+            dtype: str | None, shard_size: str, stream: bool, arch: str | None, trust_pickle: bool) -> None:
     """Convert the FFNs of MODEL into Mixture-of-Experts layers and write the result to OUT.
 
     With the defaults (copied experts, top-k routing) the converted model computes what the dense one
     did; `moeify verify MODEL OUT` checks it. Reload the result in Python with `moeify.load(OUT)`.
     """
+    import torch
+
     import moeify
     from moeify.cli.summary import conversion_table, totals_line
     from moeify.errors import MoeifyError
@@ -149,10 +158,15 @@ def convert(ctx: click.Context, model: str, config_file: Path | None, experts: i
         raise click.BadParameter(f"--format {fmt} writes a directory; {out} ends in .pt", param_hint="'-o'")
     inputs = [Path(model)] if Path(model).exists() else []
     check_destination(out, force, inputs)  # fail before the slow part
+    shard_bytes = parse_size(shard_size)
 
     console = out_console()
+    if stream and streamable(model, fmt):
+        if convert_streaming(model, out, fmt, config, dtype=dtype, shard_bytes=shard_bytes, force=force,
+                             console=console):
+            return
     loaded, load_s = load_source(model, arch, trust_pickle)
-    net = loaded.model
+    net = loaded.model if dtype is None else loaded.model.to(getattr(torch, dtype))
     if any(isinstance(m, moeify.MoELayer) for m in net.modules()):
         raise MoeifyError(f"{model} already has MoE layers; convert the dense model it came from")
     if fmt not in ("moeify", "pt"):  # a Hugging Face MoE format: refuse a misfit before converting
@@ -179,7 +193,7 @@ def convert(ctx: click.Context, model: str, config_file: Path | None, experts: i
     with byte_progress(f"writing {out}") as progress:
         if fmt in ("moeify", "pt"):
             moeify.save(net, out, source=loaded.source, force=force, inputs=inputs, progress=progress,
-                        extra_files=companions)
+                        extra_files=companions, max_shard_bytes=shard_bytes)
         else:
             from moeify.io.hf_export import export_hf
 

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from moeify.errors import MoeifyError
 from moeify.io import sources
 from moeify.io.atomic import atomic_output
 from moeify.io.companions import copy_files
+from moeify.io.empty_init import empty_params
+from moeify.io.lazy_load import assign_weights
 from moeify.io.weights import DEFAULT_SHARD_BYTES, dedupe, read_into, write_safetensors
 from moeify.layer import MoELayer
 from moeify.report import conversion_report, count_params
@@ -182,32 +185,54 @@ def rebuild_source(source: dict, trust_pickle: bool = False) -> nn.Module:
                       "moeify); pass model= a freshly built dense model of the same architecture")
 
 
-def load(path: str | Path, model: nn.Module | None = None, *, trust_pickle: bool = False) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, *, trust_pickle: bool = False,
+         dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Rebuild a model written by `moeify.save`: structure from the recipe, weights with shape checks.
 
     model: a freshly built *dense* model to convert instead of rebuilding it from the recipe's source
         (needed when the source is unknown). A `.pt` path is unpickled (needs trust_pickle=True).
+    dtype, device: the floating dtype and the device of the loaded model (default: as saved, CPU).
+
+    A model rebuilt from a Hugging Face or module:callable source is built with meta parameters and each
+    weight is assigned as it is read from the files (no second copy; see lazy_load.py).
     """
     path = Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth"):
-        return sources.load_file(path, trust_pickle=trust_pickle).model
+        return _placed(sources.load_file(path, trust_pickle=trust_pickle).model, dtype, device)
     if not path.is_dir():
         raise MoeifyError(f"no moeify output at {path}; expected a directory with {RECIPE_NAME}")
     recipe = read_recipe(path)
     source = recipe.get("source") or {}
-    dense = model if model is not None else rebuild_source(source, trust_pickle)
-    conversion = recipe.get("conversion")
+    lazy = model is None and source.get("kind") in ("hf", "callable")
+    with empty_params() if lazy else nullcontext():
+        dense = model if model is not None else rebuild_source(source, trust_pickle)
+        conversion = recipe.get("conversion")
+        if conversion:
+            config = recorded_config(conversion, recipe["version"]).replace(init="none")  # structure only
+            converted = convert(dense, config, inplace=True)
+        else:
+            converted = dense
     if conversion:
-        config = recorded_config(conversion, recipe["version"]).replace(init="none")  # structure only
-        converted = convert(dense, config, inplace=True)
         got = list(conversion_report(converted).converted)
         if got != list(conversion["converted"]):
             raise MoeifyError(f"rebuilding {path} converted {len(got)} module(s) where the recipe lists "
                               f"{len(conversion['converted'])}; the source model has changed since it was "
                               "saved")
+    tied = recipe.get("weights", {}).get("tied")
+    if lazy:
+        saved = recipe.get("weights", {}).get("dtypes") or []
+        if dtype is None and source.get("kind") == "hf" and len(saved) == 1:
+            dtype = getattr(torch, saved[0])  # as transformers loads a checkpoint: in the dtype saved
+        assign_weights(converted, path, tied, dtype=dtype, device=device)
     else:
-        converted = dense
-    read_into(converted, path, aliases=recipe.get("weights", {}).get("tied"))
+        read_into(converted, path, aliases=tied)
+        converted = _placed(converted, dtype, device)
     converted.eval()
     sources.remember_source(converted, source)
     return converted
+
+
+def _placed(model: nn.Module, dtype: torch.dtype | None, device) -> nn.Module:
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device) if device is not None else model

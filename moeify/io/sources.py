@@ -238,7 +238,8 @@ def hf_model_class(transformers, config):
     return transformers.AutoModel
 
 
-def load_hf_dir(path: Path) -> LoadedModel:
+def hf_config_and_class(path: Path):
+    """(config, model class) of a Hugging Face model directory; refuses one that needs custom code."""
     transformers = _transformers()
     try:
         with open(path / "config.json") as f:
@@ -251,7 +252,15 @@ def load_hf_dir(path: Path) -> LoadedModel:
                           "moeify does not run it: build the model yourself and pass --arch module:callable")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        cls = hf_model_class(transformers, config)
+    except Exception as e:  # transformers raises many types for a bad config
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoeifyError(f"transformers could not read {path / 'config.json'}: {detail}") from e
+    return config, hf_model_class(transformers, config)
+
+
+def load_hf_dir(path: Path) -> LoadedModel:
+    config, cls = hf_config_and_class(path)
+    try:
         model = cls.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad directory
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -269,6 +278,16 @@ def is_hf_model(model: nn.Module) -> bool:
     return config is not None and hasattr(config, "to_dict") and hasattr(model, "from_pretrained")
 
 
+def no_init_weights():
+    """transformers' context that skips weight initialisation (weights are loaded next)."""
+    _transformers()
+    try:
+        from transformers.initialization import no_init_weights as skip
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights as skip
+    return skip()
+
+
 def rebuild_hf(source: dict) -> nn.Module:
     """The HF model of a source record with its weights left uninitialised (they are loaded next)."""
     transformers = _transformers()
@@ -278,10 +297,6 @@ def rebuild_hf(source: dict) -> nn.Module:
                           f"{source['architecture']}; upgrade transformers")
     config_dict = dict(source["config"])
     config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = cls(config)
     if hasattr(model, "tie_weights"):  # from_pretrained ties embeddings; a bare constructor may not
