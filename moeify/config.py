@@ -52,6 +52,7 @@ class MoEConfig(JsonConfig):
     sinkhorn_iters: int = 8  # balanced (BASE / Sinkhorn)
     random_eval_rule: str = "hash"  # random router at inference: "hash" (fixed expert per token) or "mean"
     hash_seed: int = 0
+    sparsemixer_eps: float = 0.01  # sparsemixer: mask experts with (max - s) / max(|s|, max) > 2 eps (Phi-3.5-MoE)
     # --- shared experts (DeepSeekMoE): always on, summed with the routed output
     num_shared_experts: int = 0
     shared_d_ff: int | None = None  # hidden width of each shared expert (default d_ff)
@@ -97,7 +98,7 @@ class MoEConfig(JsonConfig):
             f"capacity_factor must be a finite number > 0 (or None for dropless routing), "
             f"got {self.capacity_factor!r}",
         )
-        for name in ("jitter_noise", "aux_loss_coef", "z_loss_coef"):
+        for name in ("jitter_noise", "aux_loss_coef", "z_loss_coef", "sparsemixer_eps"):
             value = getattr(self, name)
             need(is_number(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("slots_per_expert", "sinkhorn_iters"):

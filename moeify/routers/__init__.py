@@ -8,9 +8,10 @@
 | soft           | soft slots    | Puigcerver et al. 2023 (Soft MoE)       |
 | random         | stochastic    | Zuo et al. 2022 (THOR)                  |
 | balanced       | assignment    | Lewis et al. 2021 (BASE), Sinkhorn      |
+| sparsemixer    | token choice  | Liu et al. 2023 (SparseMixer), GRIN     |
 """
 
-from moeify.routers import balanced, expert_choice, hash, random, soft, topk  # noqa: F401  (registers)
+from moeify.routers import balanced, expert_choice, hash, random, soft, sparsemixer, topk  # noqa: F401  (registers)
 from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import ROUTERS, register_router
 
