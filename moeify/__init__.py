@@ -8,6 +8,7 @@ from moeify.layer import MoELayer, aux_loss
 from moeify.report import ConversionReport, conversion_report
 from moeify.sharing import share_router
 from moeify.stats import RoutingStats, routing_stats
+from moeify.thor import ThorLoss, thor_loss
 from moeify.passes.match import FFNMatch, Rejection
 
 __version__ = "0.1.0"
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "ConversionReport", "ConvertConfig", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
     "aux_loss", "conversion_report", "convert", "explain_ffns", "export_onnx", "find_ffns", "load",
-    "parallelize", "routing_stats", "save", "share_router",
+    "parallelize", "routing_stats", "save", "share_router", "thor_loss", "ThorLoss",
 ]
 
 
