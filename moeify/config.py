@@ -52,6 +52,7 @@ class MoEConfig(JsonConfig):
     sinkhorn_iters: int = 8  # balanced (BASE / Sinkhorn)
     random_eval_rule: str = "hash"  # random router at inference: "hash" (fixed expert per token) or "mean"
     hash_seed: int = 0
+    hash_vocab_size: int | None = None  # hash/random: a lookup table over ids [0, V) (balanced hash, a buffer)
     sparsemixer_eps: float = 0.01  # sparsemixer: mask experts with (max - s) / max(|s|, max) > 2 eps (Phi-3.5-MoE)
     # --- shared experts (DeepSeekMoE): always on, summed with the routed output
     num_shared_experts: int = 0
@@ -106,6 +107,8 @@ class MoEConfig(JsonConfig):
             need(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         one_of("random_eval_rule", RANDOM_EVAL_RULES)
         need(is_int(self.hash_seed), f"hash_seed must be an integer, got {self.hash_seed!r}")
+        need(self.hash_vocab_size is None or (is_int(self.hash_vocab_size) and self.hash_vocab_size >= 1),
+             f"hash_vocab_size must be an integer >= 1 (or None for no lookup table), got {self.hash_vocab_size!r}")
         need(is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
              f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         need(

@@ -12,6 +12,7 @@
 """
 
 from moeify.routers import balanced, expert_choice, hash, random, soft, sparsemixer, topk  # noqa: F401  (registers)
+from moeify.routers.balanced_hash import balanced_hash_table, set_hash_table
 from moeify.routers.base import Router, RouterCapabilities
 from moeify.routers.registry import ROUTERS, register_router
 
@@ -21,4 +22,5 @@ def build_router(config) -> Router:
     return ROUTERS[config.router](config)
 
 
-__all__ = ["ROUTERS", "Router", "RouterCapabilities", "build_router", "register_router"]
+__all__ = ["ROUTERS", "Router", "RouterCapabilities", "balanced_hash_table", "build_router", "register_router",
+           "set_hash_table"]

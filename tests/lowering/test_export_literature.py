@@ -38,3 +38,32 @@ def test_sparsemixer_parity(tmp_path, target):
     assert set(result.layers.values()) <= {"moeify.GroupedFFN", "moeify.GroupedFFN (inlined)"}
     name = make_session(result.path).get_inputs()[0].name
     assert_parity(model, result, [{name: torch.randn(b, s, D)} for b, s in [(1, 1), (3, 17)]])
+
+
+class TokenIdModel(nn.Module):
+    """Embedding -> hash-routed MoE layer fed the token ids, with a balanced lookup table."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab + 10, D)
+        self.moe = moeify.MoELayer(cfg(router="hash", activation="relu", hash_vocab_size=vocab))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        return x + self.moe(x, token_ids=input_ids)
+
+
+@pytest.mark.slow
+def test_balanced_hash_table_parity(tmp_path):
+    from moeify.routers import balanced_hash_table, set_hash_table
+
+    vocab = 30
+    model = TokenIdModel(vocab).eval()
+    set_hash_table(model, balanced_hash_table((100.0 / torch.arange(1, vocab + 1)).long(), E))
+    ids = torch.randint(0, vocab + 10, (2, 6))
+    result = moeify.export_onnx(model, {"input_ids": ids}, tmp_path / "hash.onnx", target="portable")
+    gen = torch.Generator().manual_seed(3)
+    # ids past the table (>= vocab) take the permutation hash: both paths run
+    assert_parity(model, result, [{"input_ids": torch.randint(0, vocab + 10, (b, s), generator=gen)}
+                                  for b, s in [(1, 1), (3, 17)]])
