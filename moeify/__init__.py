@@ -3,6 +3,7 @@
 from moeify.config import ConfigError, MoEConfig
 from moeify.convert import convert, explain_ffns, find_ffns
 from moeify.convert_config import ConvertConfig
+from moeify.freeze import freeze, unfreeze
 from moeify.io import load, save
 from moeify.layer import MoELayer, aux_loss
 from moeify.report import ConversionReport, conversion_report
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "ConversionReport", "ConvertConfig", "FFNMatch", "MoEConfig", "MoELayer", "Rejection", "RoutingStats",
     "aux_loss", "conversion_report", "convert", "explain_ffns", "export_onnx", "find_ffns", "load",
-    "parallelize", "routing_stats", "save", "share_router", "thor_loss", "ThorLoss",
+    "parallelize", "routing_stats", "save", "share_router", "thor_loss", "ThorLoss", "freeze",
+    "unfreeze",
 ]
 
 

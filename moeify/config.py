@@ -47,6 +47,8 @@ class MoEConfig(JsonConfig):
     normalize: bool = True  # renormalise the k selected weights to sum to 1 (Mixtral); keeps copies exact
     capacity_factor: float | None = None  # None = dropless; else capacity = ceil(cf * T * k / E) per expert
     jitter_noise: float = 0.0  # multiplicative uniform noise on router input in training (Switch)
+    eval_capacity_factor: float | None = None  # capacity factor in eval mode (ST-MoE: 2.0); None = capacity_factor
+    expert_dropout: float = 0.0  # dropout on the experts' hidden activations, training only (Switch: 0.4 to fine-tune)
     # --- other routers
     slots_per_expert: int = 1  # soft MoE
     sinkhorn_iters: int = 8  # balanced (BASE / Sinkhorn)
@@ -99,6 +101,14 @@ class MoEConfig(JsonConfig):
             f"capacity_factor must be a finite number > 0 (or None for dropless routing), "
             f"got {self.capacity_factor!r}",
         )
+        need(self.eval_capacity_factor is None
+             or (self.capacity_factor is not None and is_number(self.eval_capacity_factor)
+                 and self.eval_capacity_factor > 0),
+             f"eval_capacity_factor must be a finite number > 0 and needs a training capacity_factor (None: use "
+             f"capacity_factor in eval too), got {self.eval_capacity_factor!r} with capacity_factor="
+             f"{self.capacity_factor!r}")
+        need(is_number(self.expert_dropout) and 0 <= self.expert_dropout < 1,
+             f"expert_dropout must be a number in [0, 1), got {self.expert_dropout!r}")
         for name in ("jitter_noise", "aux_loss_coef", "z_loss_coef", "sparsemixer_eps"):
             value = getattr(self, name)
             need(is_number(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")

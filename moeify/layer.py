@@ -95,15 +95,16 @@ class MoELayer(nn.Module):
 
             return lowered_forward(self, x2, ids, target).reshape(*lead, cfg.d_model)
         routing = self.router(x2, token_ids=ids)
+        dropout = cfg.expert_dropout if self.training else 0.0  # expert dropout (Switch §2.4): training only
         if isinstance(routing, SoftRouting):
             out = soft_experts(x2, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,
-                               cfg.activation, cfg.gated, impl=self.dispatch_impl)  # [T, D]
+                               cfg.activation, cfg.gated, impl=self.dispatch_impl, dropout=dropout)  # [T, D]
         elif self.expert_parallel is not None:
             out = self.expert_parallel(x2, routing, self)  # [T, D]
         else:
             out = grouped_ffn(x2, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype),
                               self.w1, self.b1, self.w2, self.b2, cfg.activation, cfg.gated,
-                              impl=self.dispatch_impl)  # [T, D]
+                              impl=self.dispatch_impl, dropout=dropout)  # [T, D]
         if self.shared is not None:
             out = out + self.shared(x2)
         self._record(routing, x2.shape[0])

@@ -27,14 +27,28 @@ def assert_parity(model, result, inputs_list) -> None:
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+class Residual(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.norm, self.layer = nn.LayerNorm(D), layer
+
+    def forward(self, x):
+        return x + self.layer(self.norm(x))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["portable", "ort"])
-def test_sparsemixer_parity(tmp_path, target):
+def test_literature_layers_parity(tmp_path, target):
+    # SparseMixer (fusable activation if it were topk: must still not fuse); ST-MoE options in eval mode:
+    # the eval capacity factor decides the drops, expert dropout is off
     torch.manual_seed(0)
-    layer = moeify.MoELayer(cfg(router="sparsemixer", activation="silu", gated=True))  # fusable if it were topk
-    model = nn.Sequential(nn.LayerNorm(D), layer).eval()
-    nn.init.normal_(model[1].router.weight, std=0.5)
-    result = moeify.export_onnx(model, torch.randn(2, 5, D), tmp_path / "sm.onnx", target=target)
+    layers = [moeify.MoELayer(cfg(router="sparsemixer", activation="silu", gated=True)),
+              moeify.MoELayer(cfg(activation="silu", capacity_factor=0.5, eval_capacity_factor=1.0,
+                                  expert_dropout=0.3))]
+    for layer in layers:
+        nn.init.normal_(layer.router.weight, std=0.5)
+    model = nn.Sequential(*map(Residual, layers)).eval()
+    result = moeify.export_onnx(model, torch.randn(2, 5, D), tmp_path / "lit.onnx", target=target)
     assert set(result.layers.values()) <= {"moeify.GroupedFFN", "moeify.GroupedFFN (inlined)"}
     name = make_session(result.path).get_inputs()[0].name
     assert_parity(model, result, [{name: torch.randn(b, s, D)} for b, s in [(1, 1), (3, 17)]])
