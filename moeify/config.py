@@ -19,6 +19,7 @@ CONFIG_VERSION = 1
 # Router names are validated against the registry lazily (routers import this module).
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 RANDOM_EVAL_RULES = ("hash", "mean")
+SOFT_GROUPS = ("batch", "sequence")
 
 
 class ConfigError(MoeifyError, ValueError):
@@ -51,6 +52,8 @@ class MoEConfig(JsonConfig):
     expert_dropout: float = 0.0  # dropout on the experts' hidden activations, training only (Switch: 0.4 to fine-tune)
     # --- other routers
     slots_per_expert: int = 1  # soft MoE
+    soft_normalize: bool = False  # soft MoE: L2-normalised tokens and slot parameters, learned scale (paper §2.3)
+    soft_groups: str = "batch"  # soft MoE: "batch" (all tokens of a forward) or "sequence" (slots per sequence)
     sinkhorn_iters: int = 8  # balanced (BASE / Sinkhorn)
     random_eval_rule: str = "hash"  # random router at inference: "hash" (fixed expert per token) or "mean"
     hash_seed: int = 0
@@ -92,7 +95,7 @@ class MoEConfig(JsonConfig):
         )
         one_of("router", ROUTERS)
         one_of("activation", ACTIVATIONS)
-        for name in ("gated", "bias", "normalize"):
+        for name in ("gated", "bias", "normalize", "soft_normalize"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
         one_of("score_fn", SCORE_FUNCTIONS)
@@ -116,6 +119,7 @@ class MoEConfig(JsonConfig):
             value = getattr(self, name)
             need(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         one_of("random_eval_rule", RANDOM_EVAL_RULES)
+        one_of("soft_groups", SOFT_GROUPS)
         need(is_int(self.hash_seed), f"hash_seed must be an integer, got {self.hash_seed!r}")
         need(self.hash_vocab_size is None or (is_int(self.hash_vocab_size) and self.hash_vocab_size >= 1),
              f"hash_vocab_size must be an integer >= 1 (or None for no lookup table), got {self.hash_vocab_size!r}")

@@ -93,8 +93,8 @@ class MoELayer(nn.Module):
         if torch.compiler.is_exporting() and (target := export_target()) is not None:
             from moeify.lowering.hook import lowered_forward  # ONNX export: ops that lower one-to-one
 
-            return lowered_forward(self, x2, ids, target).reshape(*lead, cfg.d_model)
-        routing = self.router(x2, token_ids=ids)
+            return lowered_forward(self, x2, ids, target, self.routing_groups(lead)).reshape(*lead, cfg.d_model)
+        routing = self.router(x2, token_ids=ids, **self.routing_groups(lead))
         dropout = cfg.expert_dropout if self.training else 0.0  # expert dropout (Switch §2.4): training only
         if isinstance(routing, SoftRouting):
             out = soft_experts(x2, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,
@@ -109,6 +109,14 @@ class MoELayer(nn.Module):
             out = out + self.shared(x2)
         self._record(routing, x2.shape[0])
         return out.reshape(*lead, cfg.d_model)
+
+    def routing_groups(self, lead: tuple[int, ...]) -> dict:
+        """Extra router arguments for x of leading dims `lead`: with `soft_groups="sequence"` the router
+        gets `groups` = the number of sequences (every leading dim but the last, the sequence dim), since it
+        only sees the flattened tokens [T, D]."""
+        if self.config.soft_groups != "sequence":
+            return {}
+        return {"groups": math.prod(lead[:-1]) if len(lead) > 1 else 1}
 
     def _record(self, routing, num_tokens: int) -> None:
         """Keep this forward's aux loss and statistics on the layer (not in any global)."""

@@ -30,8 +30,10 @@ def plan_for(layer, target: str) -> FusedPlan:
     return FusedPlan(False, "moeify.GroupedFFN", "portable target: standard ops only")
 
 
-def lowered_forward(layer, x: Tensor, token_ids: Tensor | None, target: str) -> Tensor:
-    """x [T, D] -> [T, D], the layer's computation expressed in export-friendly ops."""
+def lowered_forward(layer, x: Tensor, token_ids: Tensor | None, target: str,
+                    router_kwargs: dict | None = None) -> Tensor:
+    """x [T, D] -> [T, D], the layer's computation expressed in export-friendly ops. `router_kwargs`:
+    extra router arguments (`MoELayer.routing_groups`)."""
     cfg = layer.config
     plan = planned_lowering(layer) or plan_for(layer, target)
     if plan.fused:
@@ -39,7 +41,7 @@ def lowered_forward(layer, x: Tensor, token_ids: Tensor | None, target: str) -> 
         out = torch.ops.moeify.topk_moe(x, logits, layer.w1, layer.b1, layer.w2, layer.b2, cfg.k,
                                         cfg.normalize, cfg.score_fn, cfg.activation, cfg.gated)  # [T, D]
     else:
-        routing = layer.router(x, token_ids=token_ids)
+        routing = layer.router(x, token_ids=token_ids, **(router_kwargs or {}))
         if isinstance(routing, SoftRouting):
             plan = FusedPlan(False, "moeify.SoftExperts", plan.reason)
             out = torch.ops.moeify.export_soft_experts(

@@ -81,3 +81,14 @@ def test_balanced_hash_table_parity(tmp_path):
     # ids past the table (>= vocab) take the permutation hash: both paths run
     assert_parity(model, result, [{"input_ids": torch.randint(0, vocab + 10, (b, s), generator=gen)}
                                   for b, s in [(1, 1), (3, 17)]])
+
+
+@pytest.mark.slow
+def test_soft_moe_per_sequence_normalised_parity(tmp_path):
+    torch.manual_seed(0)
+    layer = moeify.MoELayer(cfg(router="soft", slots_per_expert=2, soft_groups="sequence", soft_normalize=True,
+                                activation="gelu"))
+    model = Residual(layer).eval()
+    result = moeify.export_onnx(model, torch.randn(2, 5, D), tmp_path / "soft.onnx", target="portable")
+    name = make_session(result.path).get_inputs()[0].name
+    assert_parity(model, result, [{name: torch.randn(b, s, D)} for b, s in [(1, 1), (3, 17)]])
