@@ -9,13 +9,16 @@ written here, so no conversion is needed). It trains a few steps of fitted Q-ite
 random transitions of a small synthetic MDP (reward = a fixed linear function of the observation) and
 prints the TD loss before and after.
 
-    python examples/rl_soft_moe.py            # 300 steps
-    python examples/rl_soft_moe.py --quick    # 40 steps (CI)
+    PYTHONPATH=. python examples/rl_soft_moe.py            # 300 steps
+    PYTHONPATH=. python examples/rl_soft_moe.py --quick    # 40 steps (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,6 +65,7 @@ def td_loss(net: nn.Module, target: nn.Module, batch, gamma: float = 0.9) -> tor
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps (CI)")
+    parser.add_argument("--out", type=Path, help="folder to write result.json to (optional)")
     args = parser.parse_args(argv)
     steps = 40 if args.quick else 300
     torch.manual_seed(0)
@@ -82,7 +86,13 @@ def main(argv=None) -> dict:
     last = td_loss(net, target, batch).item()
     print(f"TD loss: {first:.4f} -> {last:.4f} after {steps} steps "
           f"({sum(p.numel() for p in net.penultimate.parameters())} parameters in the Soft MoE layer)")
-    return {"first_loss": first, "last_loss": last, "steps": steps}
+    result = {"first_loss": first, "last_loss": last, "steps": steps}
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tmp = args.out / "result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, args.out / "result.json")
+    return result
 
 
 if __name__ == "__main__":

@@ -214,6 +214,7 @@ WAYS: dict[str, Way] = {
     "PYTHONPATH=. python examples/quickstart.py --quick": Way(_example, "'ffns': 2"),
     "PYTHONPATH=. python examples/minilm_upcycle.py --model-dir DIR": Way(_example, "'ok': True"),
     "PYTHONPATH=. python examples/upcycle_gpt.py --quick": Way(_example, "moe-copy"),
+    "PYTHONPATH=. python examples/rl_soft_moe.py --quick": Way(_example, "'last_loss'"),
 }
 
 
@@ -222,6 +223,7 @@ RUN_AS_QUICK = {
     "torchrun --nproc-per-node 2 examples/train_ep.py",
     "PYTHONPATH=. python examples/quickstart.py",
     "PYTHONPATH=. python examples/upcycle_gpt.py",
+    "PYTHONPATH=. python examples/rl_soft_moe.py",
 }
 
 

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import rl_soft_moe  # noqa: E402
 
 
+@pytest.mark.slow
 def test_quick_run_lowers_the_td_loss(capsys):
     result = rl_soft_moe.main(["--quick"])
     assert result["last_loss"] < 0.7 * result["first_loss"]
