@@ -35,7 +35,8 @@ class SoftMoEValueNet(nn.Module):
         config = moeify.MoEConfig(d_model=WIDTH, d_ff=2 * WIDTH, num_experts=experts, k=1, router="soft",
                                   slots_per_expert=1, soft_groups="sequence", soft_normalize=True,
                                   activation="relu", z_loss_coef=0.0)
-        self.penultimate = moeify.MoELayer(config)  # was nn.Sequential(nn.Linear(D, 2D), ReLU, nn.Linear(2D, D))
+        # the dense penultimate layer was nn.Sequential(nn.Linear(D, 2D), nn.ReLU(), nn.Linear(2D, D))
+        self.penultimate = moeify.MoELayer(config)
         self.head = nn.Linear(TOKENS * WIDTH, ACTIONS)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,8 @@ class ConvertConfig(JsonConfig):
         _need(_is_int(self.every) and self.every >= 1,
               f"every must be an integer >= 1 (2 converts every other FFN), got {self.every!r}")
         _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        _need(isinstance(self.share_router, bool), f"share_router must be true or false, got {self.share_router!r}")
+        _need(isinstance(self.share_router, bool),
+              f"share_router must be true or false, got {self.share_router!r}")
         set_ = object.__setattr__  # frozen: normalise the accepted spellings once, here
         set_(self, "layer", _checked_layer(self.layer))
         self.layer_config(d_model=1, d_ff=1)  # the router name and every layer value, checked by MoEConfig

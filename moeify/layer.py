@@ -93,7 +93,8 @@ class MoELayer(nn.Module):
         if torch.compiler.is_exporting() and (target := export_target()) is not None:
             from moeify.lowering.hook import lowered_forward  # ONNX export: ops that lower one-to-one
 
-            return lowered_forward(self, x2, ids, target, self.routing_groups(lead)).reshape(*lead, cfg.d_model)
+            out = lowered_forward(self, x2, ids, target, self.routing_groups(lead))  # [T, D]
+            return out.reshape(*lead, cfg.d_model)
         routing = self.router(x2, token_ids=ids, **self.routing_groups(lead))
         dropout = cfg.expert_dropout if self.training else 0.0  # expert dropout (Switch §2.4): training only
         if isinstance(routing, SoftRouting):

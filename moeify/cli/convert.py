@@ -121,7 +121,8 @@ moeify convert moeify.zoo:tiny_llama --config moe.yaml --seed 3    # the file's 
 @click.pass_context
 def convert(ctx: click.Context, model: str, config_file: Path | None, experts: int | None, router: str,
             k: int | None, init: str, every: int, include: tuple[str, ...], exclude: tuple[str, ...],
-            capacity_factor: float | None, seed: int, share_router: bool, output: Path | None, fmt: str, force: bool,
+            capacity_factor: float | None, seed: int, share_router: bool, output: Path | None, fmt: str,
+            force: bool,
             arch: str | None, trust_pickle: bool) -> None:
     """Convert the FFNs of MODEL into Mixture-of-Experts layers and write the result to OUT.
 

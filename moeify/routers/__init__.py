@@ -22,5 +22,5 @@ def build_router(config) -> Router:
     return ROUTERS[config.router](config)
 
 
-__all__ = ["ROUTERS", "Router", "RouterCapabilities", "balanced_hash_table", "build_router", "register_router",
-           "set_hash_table"]
+__all__ = ["ROUTERS", "Router", "RouterCapabilities", "balanced_hash_table", "build_router",
+           "register_router", "set_hash_table"]

@@ -31,7 +31,8 @@ def balanced_hash_table(token_counts: Tensor, num_experts: int) -> Tensor:
     """
     counts = torch.as_tensor(token_counts)
     if counts.dim() != 1 or counts.numel() == 0 or not torch.isfinite(counts.double()).all():
-        raise ConfigError(f"token_counts must be a non-empty 1-D tensor of counts, got shape {tuple(counts.shape)}")
+        raise ConfigError(f"token_counts must be a non-empty 1-D tensor of finite counts, got shape "
+                          f"{tuple(counts.shape)}")
     if (counts < 0).any():
         raise ConfigError("token_counts must be >= 0 (occurrences of each token id)")
     if not (isinstance(num_experts, int) and num_experts >= 1):
@@ -60,7 +61,8 @@ def set_hash_table(model: nn.Module, table: Tensor) -> int:
         if h.table is None or h.table.shape != table.shape:
             size = None if h.table is None else h.table.shape[0]
             raise ConfigError(f"a hash table of {table.shape[0]} ids needs hash_vocab_size={table.shape[0]} "
-                              f"in the layer config (it is {size}); convert with layer={{'hash_vocab_size': ...}}")
+                              f"in the layer config (it is {size}); convert with "
+                              "layer={'hash_vocab_size': ...}")
         if table.numel() and (int(table.min()) < 0 or int(table.max()) >= h.num_experts):
             raise ConfigError(f"hash table entries must be experts in [0, {h.num_experts})")
     with torch.no_grad():

@@ -17,9 +17,10 @@ Grouping (`config.soft_groups`):
   slots are laid out expert-major as E experts x (G*S) slots, with block-diagonal dispatch/combine
   [T, E*G*S] (a token only reaches its own sequence's slots), so the expert computation and its ONNX op
   are unchanged; the matrices cost T*E*G*S, quadratic in the batch: meant for moderate batches.
-Because every slot sees every token of its group the router is refused in a causal decoder. `config.k` and `capacity_factor` are not used. Losses: the paper trains without auxiliary
-losses (nothing needs balancing); moeify adds only the z-loss over each token's slot logits (the combine
-softmax) when `z_loss_coef > 0`.
+Because every slot sees every token of its group the router is refused in a causal decoder. `config.k` and
+`capacity_factor` are not used. Losses: the paper trains without auxiliary losses (nothing needs
+balancing); moeify adds only the z-loss over each token's slot logits (the combine softmax) when
+`z_loss_coef > 0`.
 
 Normalisation (`config.soft_normalize`, the paper's §2.3 recommendation at scale): logits =
 scale * l2norm(x) @ l2norm(phi), each token and each slot parameter normalised over D, `scale` a learned

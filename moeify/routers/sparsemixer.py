@@ -56,7 +56,8 @@ class SparseMixerGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, scores: Tensor, multiplier: Tensor, chosen: Tensor, probs: Tensor, scale: Tensor) -> Tensor:
+    def forward(ctx, scores: Tensor, multiplier: Tensor, chosen: Tensor, probs: Tensor,
+                scale: Tensor) -> Tensor:
         ctx.save_for_backward(multiplier, chosen, probs)
         return multiplier * scale  # [T, 1]
 

@@ -86,8 +86,8 @@ def test_balanced_hash_table_parity(tmp_path):
 @pytest.mark.slow
 def test_soft_moe_per_sequence_normalised_parity(tmp_path):
     torch.manual_seed(0)
-    layer = moeify.MoELayer(cfg(router="soft", slots_per_expert=2, soft_groups="sequence", soft_normalize=True,
-                                activation="gelu"))
+    layer = moeify.MoELayer(cfg(router="soft", slots_per_expert=2, soft_groups="sequence",
+                                soft_normalize=True, activation="gelu"))
     model = Residual(layer).eval()
     result = moeify.export_onnx(model, torch.randn(2, 5, D), tmp_path / "soft.onnx", target="portable")
     name = make_session(result.path).get_inputs()[0].name
