@@ -3,19 +3,22 @@
 from moeify.config import ConfigError, MoEConfig
 from moeify.convert import convert, explain_ffns, find_ffns
 from moeify.convert_config import ConvertConfig
+from moeify.freeze import freeze, unfreeze
 from moeify.io import load, save
 from moeify.last_forward import aux_loss, routing_stats
 from moeify.layer import MoELayer
 from moeify.report import ConversionReport, conversion_report
 from moeify.sharing import share_router
 from moeify.stats import RoutingStats
+from moeify.thor import ThorLoss, thor_loss
 from moeify.passes.match import FFNMatch, Rejection
 from moeify.version import __version__ as __version__
 
 __all__ = [
     "ConfigError", "ConversionReport", "ConvertConfig", "FFNMatch", "MoEConfig", "MoELayer", "Rejection",
-    "RoutingStats", "aux_loss", "conversion_report", "convert", "explain_ffns", "export_genai", "export_onnx",
-    "find_ffns", "load", "parallelize", "routing_stats", "save", "share_router",
+    "RoutingStats", "ThorLoss", "aux_loss", "conversion_report", "convert", "explain_ffns", "export_genai",
+    "export_onnx", "find_ffns", "freeze", "load", "parallelize", "routing_stats", "save", "share_router",
+    "thor_loss", "unfreeze",
 ]
 
 

@@ -21,6 +21,7 @@ CONFIG_VERSION = 1
 # later (`moeify.routers.register_router`, from any package) is accepted from then on.
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 RANDOM_EVAL_RULES = ("hash", "mean")
+SOFT_GROUPS = ("batch", "sequence")
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,17 @@ class MoEConfig(JsonConfig):
     normalize: bool = True  # renormalise the k selected weights to sum to 1 (Mixtral); keeps copies exact
     capacity_factor: float | None = None  # None = dropless; else capacity = ceil(cf * T * k / E) per expert
     jitter_noise: float = 0.0  # multiplicative uniform noise on router input in training (Switch)
+    eval_capacity_factor: float | None = None  # in eval mode (ST-MoE: 2.0); None = capacity_factor
+    expert_dropout: float = 0.0  # on the experts' hidden activations, in training (Switch: 0.4 to fine-tune)
     # --- other routers
     slots_per_expert: int = 1  # soft MoE
+    soft_normalize: bool = False  # soft MoE: L2-normalised tokens and slots, learned scale (paper §2.3)
+    soft_groups: str = "batch"  # soft MoE: "batch" (all tokens of a forward) or "sequence" (own slots)
     sinkhorn_iters: int = 8  # balanced (BASE / Sinkhorn)
     random_eval_rule: str = "hash"  # random router at inference: "hash" (fixed expert per token) or "mean"
     hash_seed: int = 0
+    hash_vocab_size: int | None = None  # hash/random: a lookup table over ids [0, V) (balanced hash)
+    sparsemixer_eps: float = 0.01  # sparsemixer: mask s with (max - s) / max(|s|, max) > 2 eps (Phi-3.5-MoE)
     # --- shared experts (DeepSeekMoE): always on, summed with the routed output
     num_shared_experts: int = 0
     shared_d_ff: int | None = None  # hidden width of each shared expert (default d_ff)
@@ -85,7 +92,7 @@ class MoEConfig(JsonConfig):
         )
         router_class(self.router)  # ConfigError naming the registered routers when unknown
         one_of("activation", (*ACTIVATIONS, CUSTOM))
-        for name in ("gated", "bias", "normalize"):
+        for name in ("gated", "bias", "normalize", "soft_normalize"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
         one_of("score_fn", SCORE_FUNCTIONS)
@@ -94,14 +101,26 @@ class MoEConfig(JsonConfig):
             f"capacity_factor must be a finite number > 0 (or None for dropless routing), "
             f"got {self.capacity_factor!r}",
         )
-        for name in ("jitter_noise", "aux_loss_coef", "z_loss_coef"):
+        need(self.eval_capacity_factor is None
+             or (self.capacity_factor is not None and is_number(self.eval_capacity_factor)
+                 and self.eval_capacity_factor > 0),
+             f"eval_capacity_factor must be a finite number > 0 and needs a training capacity_factor "
+             f"(None: use capacity_factor in eval too), got {self.eval_capacity_factor!r} with "
+             f"capacity_factor={self.capacity_factor!r}")
+        need(is_number(self.expert_dropout) and 0 <= self.expert_dropout < 1,
+             f"expert_dropout must be a number in [0, 1), got {self.expert_dropout!r}")
+        for name in ("jitter_noise", "aux_loss_coef", "z_loss_coef", "sparsemixer_eps"):
             value = getattr(self, name)
             need(is_number(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("slots_per_expert", "sinkhorn_iters"):
             value = getattr(self, name)
             need(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         one_of("random_eval_rule", RANDOM_EVAL_RULES)
+        one_of("soft_groups", SOFT_GROUPS)
         need(is_int(self.hash_seed), f"hash_seed must be an integer, got {self.hash_seed!r}")
+        need(self.hash_vocab_size is None or (is_int(self.hash_vocab_size) and self.hash_vocab_size >= 1),
+             f"hash_vocab_size must be an integer >= 1 (or None for no lookup table), "
+             f"got {self.hash_vocab_size!r}")
         need(is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
              f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         need(

@@ -137,8 +137,9 @@ def convert(
 
     params_before = count_params(target)
     layers: list[tuple[Site, MoEConfig, MoELayer]] = []
+    shared_routers: dict[int, nn.Module] = {}  # d_model -> router, with share_router (Omni-router)
     for index, site in enumerate(selected):
-        cfg, layer = _build_layer(target, site, config, index, calib.get(site.match.name))
+        cfg, layer = _build_layer(target, site, config, index, calib.get(site.match.name), shared_routers)
         layers.append((site, cfg, layer))
         if progress is not None:
             progress(site.match.name, index + 1, len(selected))
@@ -176,9 +177,10 @@ def select_sites(target: nn.Module, config: ConvertConfig, filter_fn=None
 
 
 def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int,
-                 calibration) -> tuple[MoEConfig, MoELayer]:
+                 calibration, shared_routers: dict[int, nn.Module] | None = None) -> tuple[MoEConfig, MoELayer]:
     """One FFN's MoE layer: its MoEConfig (shape from the FFN, the rest from `config`), built with the
-    FFN's device, dtype and mode, and upcycled from its dense weights."""
+    FFN's device, dtype and mode, and upcycled from its dense weights. With `config.share_router`, a layer
+    whose width is in `shared_routers` routes with that router, which its upcycling leaves as it was."""
     m = site.match
     cfg = config.layer_config(d_model=m.d_model, d_ff=_expert_width(config, site), activation=m.activation,
                               gated=m.gated, bias=m.bias)
@@ -189,13 +191,19 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
         torch.manual_seed(config.seed * 1_000_003 + index)
         try:
             # Every upcycling strategy overwrites all expert weights: skip their random init.
-            layer = MoELayer(cfg, causal=m.causal, init_experts=config.init.init == "none",
+            shared = shared_routers.get(m.d_model) if config.share_router and shared_routers is not None else None
+            layer = MoELayer(cfg, router=shared, causal=m.causal, init_experts=config.init.init == "none",
                              activation=activation)
         except ConfigError as exc:
             raise ConfigError(f"FFN {m.name!r}: {exc}") from None
         layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
         layer.train(site.cand.cap.module.training)  # an eval-mode model gets eval-mode layers
+        kept = None if shared is None else {k: v.clone() for k, v in shared.state_dict().items()}
         upcycle_layer(layer, dense, config.init, calibration=calibration, key=m.name)
+        if kept is not None:  # the shared router was initialised once, by its first layer
+            shared.load_state_dict(kept)
+        elif config.share_router and shared_routers is not None:
+            shared_routers[m.d_model] = layer.router
     return cfg, layer
 
 

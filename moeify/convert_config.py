@@ -65,6 +65,9 @@ class ConvertConfig(JsonConfig):
         expert_d_ff: the experts' hidden width: an int, or {ffn name: width}; None (and FFNs missing from
             the mapping) take the init's width. The conversion report records it per FFN, so a rebuild
             with init="none" gets the same shapes.
+        share_router: Omni-router: one router for every converted FFN of the same width (d_model), built
+            and upcycled with the first such FFN; later layers route with it and their upcycling leaves it
+            as it is. Its parameters appear once in `model.parameters()`.
         seed: seeds the layers' random init (routers, init="none") and, for a named init, the strategy.
             Note that `replace(seed=...)` does not re-seed an `init` that is already an UpcycleConfig.
         add_aux_loss: in training mode, add the routers' auxiliary losses (`moeify.aux_loss`) to the
@@ -84,6 +87,7 @@ class ConvertConfig(JsonConfig):
     every: int = 1
     expert_d_ff: int | Mapping[str, int] | None = None
     seed: int = 0
+    share_router: bool = False
     add_aux_loss: bool = True
     version: int = CONVERT_CONFIG_VERSION
 
@@ -98,6 +102,8 @@ class ConvertConfig(JsonConfig):
         _need(_is_int(self.every) and self.every >= 1,
               f"every must be an integer >= 1 (2 converts every other FFN), got {self.every!r}")
         _need(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _need(isinstance(self.share_router, bool),
+              f"share_router must be true or false, got {self.share_router!r}")
         _need(isinstance(self.add_aux_loss, bool),
               f"add_aux_loss must be True or False, got {self.add_aux_loss!r}")
         set_ = object.__setattr__  # frozen: normalise the accepted spellings once, here

@@ -113,7 +113,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer expects last dim {cfg.d_model}, got input of shape {tuple(x.shape)}")
         x2 = x.reshape(-1, cfg.d_model)  # [T, D]
         ids = None if token_ids is None else token_ids.reshape(-1)  # [T]
-        routing = self.router(x2, token_ids=ids)
+        routing = self.router(x2, token_ids=ids, **self.routing_groups(lead))
         out = self.experts(x2, routing)  # [T, D]
         if self.shared is not None:
             out = out + self.shared(x2)
@@ -137,11 +137,21 @@ class MoELayer(nn.Module):
     def local_experts(self, x: Tensor, routing: Routing) -> Tensor:
         """The routed experts on this process: x [T, D] -> [T, D]."""
         cfg, act = self.config, self.expert_activation
+        dropout = cfg.expert_dropout if self.training else 0.0  # expert dropout (Switch §2.4): training only
         if isinstance(routing, SoftRouting):
             return soft_experts(x, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,
-                                act, cfg.gated, impl=self.dispatch_impl)  # [T, D]
+                                act, cfg.gated, impl=self.dispatch_impl, dropout=dropout)  # [T, D]
         return grouped_ffn(x, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype), self.w1,
-                           self.b1, self.w2, self.b2, act, cfg.gated, impl=self.dispatch_impl)  # [T, D]
+                           self.b1, self.w2, self.b2, act, cfg.gated, impl=self.dispatch_impl,
+                           dropout=dropout)  # [T, D]
+
+    def routing_groups(self, lead: tuple[int, ...]) -> dict:
+        """Extra router arguments for x of leading dims `lead`: with `soft_groups="sequence"` the router
+        gets `groups` = the number of sequences (every leading dim but the last, the sequence dim), since it
+        only sees the flattened tokens [T, D]."""
+        if self.config.soft_groups != "sequence":
+            return {}
+        return {"groups": math.prod(lead[:-1]) if len(lead) > 1 else 1}
 
     def _record(self, routing, num_tokens: int) -> None:
         """Keep this forward's aux loss and statistics on the layer (not in any global)."""

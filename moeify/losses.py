@@ -41,3 +41,22 @@ def router_z_loss(logits: Tensor) -> Tensor:
     if logits.numel() == 0:
         return logits.new_zeros(())
     return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def consistency_loss(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """THOR's consistency regulariser (Zuo et al. 2022, "Taming Sparsely Activated Transformer with
+    Stochastic Experts", §3, the CR term): CR(p1, p2) = 1/2 (KL(p1 || p2) + KL(p2 || p1)), p = softmax of
+    each forward's logits over the last dim.
+
+    logits_a, logits_b [..., C]: the outputs of two forwards of the same input under different random routes
+    (or dropout masks). Averaged over all leading positions (tokens, samples). Both sides get gradient, as in
+    the paper (each pass is the other's teacher). Symmetric: consistency_loss(a, b) == consistency_loss(b, a).
+    """
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"consistency_loss needs logits of one shape, got {tuple(logits_a.shape)} and "
+                         f"{tuple(logits_b.shape)}")
+    log_a = torch.log_softmax(logits_a.float(), dim=-1)  # [..., C]
+    log_b = torch.log_softmax(logits_b.float(), dim=-1)  # [..., C]
+    kl_ab = (log_a.exp() * (log_a - log_b)).sum(dim=-1)  # [...] KL(p_a || p_b)
+    kl_ba = (log_b.exp() * (log_b - log_a)).sum(dim=-1)  # [...] KL(p_b || p_a)
+    return 0.5 * (kl_ab + kl_ba).mean()

@@ -226,6 +226,7 @@ WAYS: dict[str, Way] = {
     "PYTHONPATH=. python examples/minilm_upcycle.py --model-dir DIR": Way(_example, "'ok': True"),
     "PYTHONPATH=. python examples/upcycle_gpt.py --quick": Way(_example, "moe-copy"),
     "PYTHONPATH=. python examples/hf_trainer.py --quick": Way(_example, "'same_generation': True"),
+    "PYTHONPATH=. python examples/rl_soft_moe.py --quick": Way(_example, "'last_loss'"),
 }
 
 
@@ -235,6 +236,7 @@ RUN_AS_QUICK = {
     "PYTHONPATH=. python examples/quickstart.py",
     "PYTHONPATH=. python examples/upcycle_gpt.py",
     "PYTHONPATH=. python examples/hf_trainer.py",
+    "PYTHONPATH=. python examples/rl_soft_moe.py",
 }
 
 

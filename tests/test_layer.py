@@ -34,6 +34,8 @@ ROUTER_CASES = {
     "random_eval_mean": (dict(router="random", random_eval_rule="mean"), False, False),  # N = T*E
     "balanced_train": (dict(router="balanced"), True, False),
     "balanced_eval": (dict(router="balanced"), False, False),
+    "sparsemixer_train": (dict(router="sparsemixer", sparsemixer_eps=0.5), True, False),  # samples: same seed
+    "sparsemixer_eval": (dict(router="sparsemixer"), False, False),
 }
 
 

@@ -33,7 +33,7 @@ def convert_config(config_file: Path | None, flags: dict, given: set[str]):
     from moeify.convert_config import ConvertConfig
 
     data = read_config_file(config_file) if config_file is not None else {}
-    for name in ("experts", "router", "init", "every", "include", "exclude", "seed"):
+    for name in ("experts", "router", "init", "every", "include", "exclude", "seed", "share_router"):
         if config_file is None or name in given:
             data[name] = flags[name]
     if data.get("experts") is None:
@@ -101,6 +101,8 @@ class LazyChoice(click.Choice):
 @click.option("--capacity-factor", type=click.FloatRange(min=0, min_open=True), metavar="F",
               help="Cap tokens per expert at F * tokens * k / experts (default: no cap, no token dropped).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for router and expert init.")
+@click.option("--share-router", is_flag=True,
+              help="Omni-router: one router for all converted FFNs of the same width.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="OUT",
               help="Where to write (default: ./NAME-moeN/). A name ending in .pt writes one pickled file.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
@@ -126,8 +128,9 @@ moeify convert moeify.zoo:tiny_llama --config moe.yaml --seed 3    # the file's 
 @click.pass_context
 def convert(ctx: click.Context, model: str, config_file: Path | None, experts: int | None, router: str,
             k: int | None, init: str, every: int, include: tuple[str, ...], exclude: tuple[str, ...],
-            capacity_factor: float | None, seed: int, output: Path | None, fmt: str, force: bool,
-            dtype: str | None, shard_size: str, stream: bool, arch: str | None, trust_pickle: bool) -> None:
+            capacity_factor: float | None, seed: int, share_router: bool, output: Path | None, fmt: str,
+            force: bool, dtype: str | None, shard_size: str, stream: bool, arch: str | None,
+            trust_pickle: bool) -> None:
     """Convert the FFNs of MODEL into Mixture-of-Experts layers and write the result to OUT.
 
     With the defaults (copied experts, top-k routing) the converted model computes what the dense one
@@ -142,7 +145,8 @@ def convert(ctx: click.Context, model: str, config_file: Path | None, experts: i
     from moeify.report import count_params
 
     flags = dict(experts=experts, router=router, k=k, init=init, every=every, include=list(include) or None,
-                 exclude=list(exclude) or None, capacity_factor=capacity_factor, seed=seed)
+                 exclude=list(exclude) or None, capacity_factor=capacity_factor, seed=seed,
+                 share_router=share_router)
     given = {name for name in flags if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
     config = convert_config(config_file, flags, given)
     out = output if output is not None else default_output(model, config.experts)

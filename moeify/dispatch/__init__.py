@@ -36,16 +36,21 @@ def _check_impl(impl: str) -> None:
 
 def grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, w1: Tensor,
                 b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: Activation, gated: bool,
-                impl: str = "fast") -> Tensor:
+                impl: str = "fast", dropout: float = 0.0) -> Tensor:
     """x [T, D] -> [T, D]; see `reference_grouped_ffn` for the exact meaning.
+
+    `dropout` > 0 (expert dropout, training only: the caller passes 0 in eval) runs the reference path
+    whatever `impl`: plain autograd ops, one GEMM pair per expert, with dropout on the hidden activations.
+    The fused ops have no dropout; expert dropout is a fine-tuning setting where that cost is acceptable.
 
     When a gradient is wanted, the training variant of the op runs: same forward, but it hands the
     pre-activation to the backward instead of the backward recomputing it (one GEMM saved). Under
     `torch.export` the public op `moeify::grouped_ffn` is always used: it is what the ONNX lowering maps.
     """
     _check_impl(impl)
-    if impl == "reference":
-        return reference_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
+    if impl == "reference" or dropout > 0:
+        return reference_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated,
+                                     dropout)
     if not isinstance(activation, str):
         return torch_grouped_ffn(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated)
     if impl == "grouped_mm":
@@ -80,14 +85,16 @@ def fast_soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, 
 
 
 def soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
-                 b2: Tensor | None, activation: Activation, gated: bool, impl: str = "fast") -> Tensor:
+                 b2: Tensor | None, activation: Activation, gated: bool, impl: str = "fast",
+                 dropout: float = 0.0) -> Tensor:
     """Soft MoE expert computation; see `reference_soft_experts`. x [T, D]; dispatch, combine [T, E*S].
+    `dropout` > 0 runs the reference path, as in `grouped_ffn`.
 
     Every expert gets exactly S slots, so the fast path is already one batched GEMM each way with no
     permutation: "grouped_mm" runs it too."""
     _check_impl(impl)
-    if impl == "reference":
-        return reference_soft_experts(x, dispatch, combine, w1, b1, w2, b2, activation, gated)
+    if impl == "reference" or dropout > 0:
+        return reference_soft_experts(x, dispatch, combine, w1, b1, w2, b2, activation, gated, dropout)
     return fast_soft_experts(x, dispatch, combine, w1, b1, w2, b2, activation, gated)
 
 

@@ -15,12 +15,15 @@ Tensor = torch.Tensor
 
 
 def expert_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-               activation: Activation, gated: bool) -> Tensor:
-    """One expert: x [n, D], w1 [H1, D], w2 [D, H] -> [n, D]."""
+               activation: Activation, gated: bool, dropout: float = 0.0) -> Tensor:
+    """One expert: x [n, D], w1 [H1, D], w2 [D, H] -> [n, D]. `dropout` > 0 drops hidden activations
+    (inverted dropout, as `nn.Dropout` in training): Switch/ST-MoE's expert dropout."""
     h = x @ w1.t()  # [n, H1]
     if b1 is not None:
         h = h + b1
     a = apply_expert_activation(h, activation, gated)  # [n, H]
+    if dropout > 0:
+        a = torch.nn.functional.dropout(a, dropout, training=True)
     y = a @ w2.t()  # [n, D]
     if b2 is not None:
         y = y + b2
@@ -29,7 +32,7 @@ def expert_ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor 
 
 def reference_grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
                           w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-                          activation: Activation, gated: bool) -> Tensor:
+                          activation: Activation, gated: bool, dropout: float = 0.0) -> Tensor:
     """out[t] = sum over assignments n with token_idx[n] = t of weight[n] * expert_{expert_idx[n]}(x[t]).
 
     x [T, D]; token_idx, expert_idx, weight [N]; w1 [E, H1, D]; b1 [E, H1]; w2 [E, D, H]; b2 [E, D].
@@ -43,13 +46,14 @@ def reference_grouped_ffn(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weig
             continue
         tokens = token_idx[rows]  # [n_e]
         y = expert_ffn(x[tokens], w1[e], None if b1 is None else b1[e], w2[e],
-                       None if b2 is None else b2[e], activation, gated)  # [n_e, D]
+                       None if b2 is None else b2[e], activation, gated, dropout)  # [n_e, D]
         out = out.index_add(0, tokens, y * weight[rows].unsqueeze(1).to(y.dtype))
     return out
 
 
 def reference_soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Tensor, b1: Tensor | None,
-                           w2: Tensor, b2: Tensor | None, activation: Activation, gated: bool) -> Tensor:
+                           w2: Tensor, b2: Tensor | None, activation: Activation, gated: bool,
+                           dropout: float = 0.0) -> Tensor:
     """Soft MoE: slots = dispatch^T x, each expert runs on its S slots, out = combine @ slot outputs.
 
     x [T, D]; dispatch, combine [T, E*S].
@@ -60,5 +64,5 @@ def reference_soft_experts(x: Tensor, dispatch: Tensor, combine: Tensor, w1: Ten
     outs = []
     for e in range(E):
         outs.append(expert_ffn(slots[e * S:(e + 1) * S], w1[e], None if b1 is None else b1[e], w2[e],
-                               None if b2 is None else b2[e], activation, gated))  # [S, D]
+                               None if b2 is None else b2[e], activation, gated, dropout))  # [S, D]
     return combine.to(x.dtype) @ torch.cat(outs, dim=0)  # [T, D]

@@ -152,6 +152,9 @@ class Plan:
 
 
 def _refuse_calibration(config: ConvertConfig) -> None:
+    if config.share_router:
+        raise MoeifyError("share_router=True is not streamed yet (its one router is upcycled by the first "
+                          "layer and kept for the others); convert in memory with --no-stream")
     if config.init.init != "none" and config.init.resolved_router_init == "kmeans":
         raise MoeifyError("router_init='kmeans' needs calibration inputs run through the model; streaming "
                           "conversion does not run it: load the model and use moeify.convert(model, config, "

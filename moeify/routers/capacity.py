@@ -17,6 +17,14 @@ def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: 
     return max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
 
 
+def active_capacity_factor(config, training: bool) -> float | None:
+    """The capacity factor in force: `config.capacity_factor` in training, `config.eval_capacity_factor`
+    (when set) in eval mode (ST-MoE trains at 1.25 and evaluates at 2.0)."""
+    if not training and config.eval_capacity_factor is not None:
+        return config.eval_capacity_factor
+    return config.capacity_factor
+
+
 def drop_over_capacity(expert_idx: Tensor, num_experts: int, capacity: int) -> Tensor:
     """expert_idx [T, K] -> [T, K] with assignments past each expert's capacity set to E (dropped).
 

@@ -20,6 +20,7 @@ import torch
 
 from moeify.losses import router_z_loss
 from moeify.routers.base import Router, RouterCapabilities
+from moeify.routers.capacity import active_capacity_factor
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
 
@@ -48,7 +49,7 @@ class ExpertChoiceRouter(Router):
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SparseRouting:
         cfg = self.config
         T, E = x.shape[0], self.num_experts
-        C = expert_choice_capacity(T, cfg.k, E, cfg.capacity_factor)
+        C = expert_choice_capacity(T, cfg.k, E, active_capacity_factor(cfg, self.training))
         logits = self.compute_logits(x)  # [T, E]
         scores = torch.softmax(logits, dim=-1)  # [T, E] token-to-expert affinity
         weight, token_idx = torch.topk(scores.t(), C, dim=-1)  # [E, C] each expert's C best tokens

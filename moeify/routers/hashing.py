@@ -12,7 +12,12 @@ Two inputs can be hashed:
   top-K projected experts. This is a locality-sensitive hash: deterministic per input, but balanced only as
   far as the hidden states spread (a large shared direction in x concentrates it).
 
-Both tables are integer buffers drawn from `config.hash_seed` with a private `torch.Generator` (the global
+With `config.hash_vocab_size = V`, a lookup table [V] (a buffer, initially the permutation hash's first
+choice) replaces the permutation hash for ids < V: choice j of id t is (table[t] + j) % E. Each shift is a
+bijection of the experts, so a balanced table (`moeify.routers.balanced_hash_table`) stays balanced for
+every choice, and the K experts stay distinct. Ids >= V keep the permutation hash.
+
+All tables are integer buffers drawn from `config.hash_seed` with a private `torch.Generator` (the global
 RNG is untouched). Integer buffers survive `model.to(dtype)` unchanged and travel in the state dict, so a
 saved and reloaded model hashes exactly as before.
 """
@@ -42,6 +47,11 @@ class TokenHash(nn.Module):
         signs = torch.randint(0, 2, (D, E), generator=gen, dtype=torch.int8) * 2 - 1  # [D, E] in {-1, +1}
         self.register_buffer("perms", perms)
         self.register_buffer("projection", signs.to(torch.int8))
+        table = None  # [V] id -> expert, only with config.hash_vocab_size
+        if config.hash_vocab_size is not None:
+            ids = torch.arange(config.hash_vocab_size)  # [V]
+            table = perms[torch.remainder(ids.div(E, rounding_mode="floor"), NUM_PERMUTATIONS), ids % E]
+        self.register_buffer("table", table)
 
     def from_ids(self, token_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """token_ids [T] (any integers) -> (experts [T, K] int64, one-hot scores [T, E] float32)."""
@@ -50,6 +60,12 @@ class TokenHash(nn.Module):
         row = torch.remainder(ids.div(E, rounding_mode="floor"), self.perms.shape[0])  # [T]
         col = torch.remainder(ids.unsqueeze(1) + torch.arange(k, device=ids.device), E)  # [T, K]
         experts = self.perms[row.unsqueeze(1), col]  # [T, K]
+        if self.table is not None:
+            V = self.table.shape[0]
+            base = self.table[ids.clamp(0, V - 1)]  # [T]
+            tabled = torch.remainder(base.unsqueeze(1) + torch.arange(k, device=ids.device), E)  # [T, K]
+            inside = ((ids >= 0) & (ids < V)).unsqueeze(1)  # [T, 1]
+            experts = torch.where(inside, tabled, experts)  # [T, K]
         scores = torch.zeros(ids.shape[0], E, device=ids.device)  # [T, E]
         scores.scatter_(1, experts, 1.0)
         return experts, scores

@@ -12,7 +12,7 @@ import torch
 
 from moeify.losses import load_balance_loss, router_z_loss
 from moeify.routers.base import GROUPED_FFN, ORT_MOE, Router, RouterCapabilities
-from moeify.routers.capacity import drop_over_capacity, expert_capacity
+from moeify.routers.capacity import active_capacity_factor, drop_over_capacity, expert_capacity
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
 
@@ -43,8 +43,9 @@ def token_choice_routing(router: Router, logits: Tensor, scores: Tensor, top_idx
     T, K = top_idx.shape
     E = router.num_experts
     chosen = top_idx.reshape(-1)  # [T*K] the router's decisions, before capacity
-    if cfg.capacity_factor is not None:
-        top_idx = drop_over_capacity(top_idx, E, expert_capacity(T, K, E, cfg.capacity_factor))
+    capacity_factor = active_capacity_factor(cfg, router.training)
+    if capacity_factor is not None:
+        top_idx = drop_over_capacity(top_idx, E, expert_capacity(T, K, E, capacity_factor))
     flat_expert = top_idx.reshape(-1)  # [T*K], E where dropped
     losses = {}
     if cfg.aux_loss_coef > 0 and router.learned:
