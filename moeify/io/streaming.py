@@ -151,7 +151,8 @@ class Plan:
     aliases: dict[str, str]
 
 
-def _refuse_calibration(config: ConvertConfig) -> None:
+def _refuse_unstreamable(config: ConvertConfig) -> None:
+    """Options the streamed path cannot honour yet: a shared router, calibration-based router init."""
     if config.share_router:
         raise MoeifyError("share_router=True is not streamed yet (its one router is upcycled by the first "
                           "layer and kept for the others); convert in memory with --no-stream")
@@ -253,7 +254,7 @@ def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: 
     Returns the conversion's `ConversionReport`.
     """
     config = config_from_call(config, options)
-    _refuse_calibration(config)
+    _refuse_unstreamable(config)
     out = Path(out)
     if isinstance(source, nn.Module):
         structure, tensors, inputs = model_structure(source), ModelSource(source), ()
