@@ -113,7 +113,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer expects last dim {cfg.d_model}, got input of shape {tuple(x.shape)}")
         x2 = x.reshape(-1, cfg.d_model)  # [T, D]
         ids = None if token_ids is None else token_ids.reshape(-1)  # [T]
-        routing = self.router(x2, token_ids=ids, **self.routing_groups(lead))
+        routing = self.router(x2, token_ids=ids, **self.routing_groups(lead), **self.expert_keys())
         out = self.experts(x2, routing)  # [T, D]
         if self.shared is not None:
             out = out + self.shared(x2)
@@ -152,6 +152,11 @@ class MoELayer(nn.Module):
         if self.config.soft_groups != "sequence":
             return {}
         return {"groups": math.prod(lead[:-1]) if len(lead) > 1 else 1}
+
+    def expert_keys(self) -> dict:
+        """Extra router arguments for a router tied to the experts (`reads_expert_weights`, Avg-K): this
+        layer's first-layer weights `expert_w1` [E, H1, D]."""
+        return {"expert_w1": self.w1} if self.router.caps.reads_expert_weights else {}
 
     def _record(self, routing, num_tokens: int) -> None:
         """Keep this forward's aux loss and statistics on the layer (not in any global)."""

@@ -43,20 +43,32 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def consistency_loss(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+def consistency_loss(logits_a: Tensor, logits_b: Tensor, mask: Tensor | None = None) -> Tensor:
     """THOR's consistency regulariser (Zuo et al. 2022, "Taming Sparsely Activated Transformer with
-    Stochastic Experts", §3, the CR term): CR(p1, p2) = 1/2 (KL(p1 || p2) + KL(p2 || p1)), p = softmax of
-    each forward's logits over the last dim.
+    Stochastic Experts", ICLR 2022, arXiv 2110.04260, §3): the symmetric KL
+        CR(p1, p2) = 1/2 (KL(p1 || p2) + KL(p2 || p1)) = 1/2 sum_c (p1_c - p2_c)(log p1_c - log p2_c),
+    p = softmax of each forward's logits over the last dim. The factor 1/2 and the form are the authors'
+    released code's (microsoft/Stochastic-Mixture-of-Experts, thor/translation_thor.py, `symmetric_KL_loss`:
+    "symmetric KL-divergence 1/2*(KL(p||q)+KL(q||p))").
 
     logits_a, logits_b [..., C]: the outputs of two forwards of the same input under different random routes
-    (or dropout masks). Averaged over all leading positions (tokens, samples). Both sides get gradient, as in
-    the paper (each pass is the other's teacher). Symmetric: consistency_loss(a, b) == consistency_loss(b, a).
+    (or dropout masks). Averaged over the leading positions (tokens, samples), or over those where `mask`
+    [...] (bool) is True: the released code sums over the non-padding target tokens only, then divides by
+    their count as it does the cross-entropy, so pass the same mask as the task loss ignores. Both sides get
+    gradient, as in the paper (each pass is the other's teacher). Symmetric in a and b.
     """
     if logits_a.shape != logits_b.shape:
         raise ValueError(f"consistency_loss needs logits of one shape, got {tuple(logits_a.shape)} and "
                          f"{tuple(logits_b.shape)}")
+    if mask is not None and tuple(mask.shape) != tuple(logits_a.shape[:-1]):
+        raise ValueError(f"consistency_loss's mask must have the logits' leading shape "
+                         f"{tuple(logits_a.shape[:-1])}, got {tuple(mask.shape)}")
     log_a = torch.log_softmax(logits_a.float(), dim=-1)  # [..., C]
     log_b = torch.log_softmax(logits_b.float(), dim=-1)  # [..., C]
     kl_ab = (log_a.exp() * (log_a - log_b)).sum(dim=-1)  # [...] KL(p_a || p_b)
     kl_ba = (log_b.exp() * (log_b - log_a)).sum(dim=-1)  # [...] KL(p_b || p_a)
-    return 0.5 * (kl_ab + kl_ba).mean()
+    cr = 0.5 * (kl_ab + kl_ba)  # [...]
+    if mask is None:
+        return cr.mean()
+    keep = mask.to(cr.dtype)  # [...]
+    return (cr * keep).sum() / keep.sum().clamp(min=1)

@@ -36,6 +36,7 @@ ROUTER_CASES = {
     "balanced_eval": (dict(router="balanced"), False, False),
     "sparsemixer_train": (dict(router="sparsemixer", sparsemixer_eps=0.5), True, False),  # samples: same seed
     "sparsemixer_eval": (dict(router="sparsemixer"), False, False),
+    "avg_k": (dict(router="avg_k"), True, False),  # tied to the experts' w1: gradients reach it twice
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -22,6 +24,36 @@ def test_consistency_loss_is_the_symmetric_kl():
     assert consistency_loss(a, a).item() == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="one shape"):
         consistency_loss(a, b[..., :2])
+
+
+def test_thor_loss_is_the_papers_objective_on_a_hand_computed_case():
+    """Two passes giving p1 = (1/2, 1/2) and p2 = (3/4, 1/4), label 0, per-token mean cross-entropy:
+    CE(p1) = ln 2, CE(p2) = ln(4/3) and CR = 1/2 sum_c (p1_c - p2_c)(ln p1_c - ln p2_c)
+    = 1/2 (1/4 ln(3/2) + 1/4 ln 2) = ln(3)/8, so the loss is ln 2 + ln(4/3) + alpha ln(3)/8: both task
+    losses at full weight, as the released THOR code (`loss1 + loss2 + alpha * symmetric_KL_loss`)."""
+    class TwoPasses(nn.Module):  # the first forward's logits, then the second's
+        def __init__(self):
+            super().__init__()
+            self.passes = iter([torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])])
+
+        def forward(self, batch):
+            return next(self.passes)
+
+    ce = lambda logits: nn.functional.cross_entropy(logits, torch.tensor([0]))  # noqa: E731
+    step = moeify.thor_loss(TwoPasses(), torch.zeros(1), ce, alpha=2.0)
+    assert step.task[0].item() == pytest.approx(math.log(2.0), rel=1e-6)
+    assert step.task[1].item() == pytest.approx(math.log(4.0 / 3.0), rel=1e-6)
+    assert step.consistency.item() == pytest.approx(math.log(3.0) / 8, rel=1e-6)
+    assert step.total.item() == pytest.approx(math.log(2.0) + math.log(4.0 / 3.0) + 2.0 * math.log(3.0) / 8,
+                                              rel=1e-6)
+
+
+def test_consistency_loss_averages_over_the_masked_positions():
+    a, b = torch.randn(2, 5, C), torch.randn(2, 5, C)
+    mask = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
+    torch.testing.assert_close(consistency_loss(a, b, mask), consistency_loss(a[mask], b[mask]))
+    with pytest.raises(ValueError, match="mask"):
+        consistency_loss(a, b, mask[:, :2])
 
 
 class Classifier(nn.Module):

@@ -45,6 +45,8 @@ class RouterCapabilities:
         lowerings: the ONNX ops that can express the router's layer, in order of preference, of
             ORT_MOE, GROUPED_FFN and SOFT_EXPERTS; an op's own file still checks what is not the router's
             business (activation, installed runtime).
+        reads_expert_weights: routes on its layer's expert weights (tied to the experts, as Avg-K):
+            `MoELayer` calls it with `expert_w1=layer.w1` [E, H1, D].
 
     Claiming ORT_MOE says what the routing *is*, not only that it can be lowered: each token takes the top
     `config.k` of `config.score_fn` over `compute_logits(x)` [T, E], renormalised when `config.normalize`,
@@ -59,6 +61,7 @@ class RouterCapabilities:
     mixes_tokens: bool
     active_experts: float
     lowerings: tuple[str, ...]
+    reads_expert_weights: bool = False
 
 
 class Router(nn.Module):
@@ -72,6 +75,7 @@ class Router(nn.Module):
     reads_token_ids: bool = False  # routes on token ids when given
     soft: bool = False  # returns SoftRouting
     mixes_tokens: bool = False  # one token's route depends on other tokens of the batch
+    reads_expert_weights: bool = False  # routes on the layer's expert weights (given as expert_w1=)
 
     @classmethod
     def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
@@ -83,6 +87,7 @@ class Router(nn.Module):
             mixes_tokens=cls.mixes_tokens,
             active_experts=float(config.k),
             lowerings=(SOFT_EXPERTS,) if cls.soft else (GROUPED_FFN,),
+            reads_expert_weights=cls.reads_expert_weights,
         )
 
     @classmethod
@@ -110,14 +115,18 @@ class Router(nn.Module):
     def num_logits(config: MoEConfig) -> int:
         return config.num_experts
 
-    def compute_logits(self, x: Tensor) -> Tensor:
-        """x [T, D] -> logits [T, E] in the router dtype (float32 by default, whatever x is)."""
-        dtype = getattr(torch, self.config.router_dtype)
-        x = x.to(dtype)
+    def router_input(self, x: Tensor) -> Tensor:
+        """x [T, D] in the router dtype (float32 by default, whatever x is), with the jitter noise in training."""
+        x = x.to(getattr(torch, self.config.router_dtype))
         if self.training and self.config.jitter_noise > 0:
             eps = self.config.jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        return x @ self.weight.to(dtype).t()  # [T, E]
+        return x  # [T, D]
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        """x [T, D] -> logits [T, E] in the router dtype."""
+        x = self.router_input(x)  # [T, D]
+        return x @ self.weight.to(x.dtype).t()  # [T, E]
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:  # pragma: no cover
         raise NotImplementedError

@@ -89,13 +89,23 @@ class TopKRouter(Router):
     def preserves_dense(cls, upcycle, config: MoEConfig) -> bool:
         """The claims of `moeify.upcycle.PRESERVATION` (which states them in words). Without a capacity limit
         only: a dropped assignment contributes nothing."""
+        return cls.preserves_with(upcycle, config, upcycle.resolved_router_init)
+
+    @classmethod
+    def preserves_with(cls, upcycle, config: MoEConfig, router_init: str) -> bool:
+        """`preserves_dense` for a router whose weight starts as `router_init` says (whatever `upcycle`'s)."""
         k, E = config.k, config.num_experts
         if config.capacity_factor is not None:
             return False
         if upcycle.copies_dense:
             # output = (sum of the selected weights) * dense(x)
             return config.normalize or (config.score_fn == "softmax" and k == E)
-        router_init = upcycle.resolved_router_init
+        if upcycle.init == "granular" and router_init == "avg_k":
+            # mean keys equal across virtual groups and differ within one (G > 1): no whole-group selection,
+            # no exact sum; with G = 1 every expert holds the whole FFN, so all rows tie, as "zeros"
+            if upcycle.granularity > 1:
+                return False
+            router_init = "zeros"
         if upcycle.init == "split":
             # every expert must be selected with the same weight g0: all of them, under tied logits
             return k == E and router_init == "zeros"

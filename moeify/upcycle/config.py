@@ -20,7 +20,9 @@ Tensor = torch.Tensor
 # Strategy names (`init=`). "none" leaves the layer's weights as they are (loading a saved model).
 INITS = ("copy", "noise", "drop", "split", "granular", "none")
 SPLIT_METHODS = ("random", "cluster")
-ROUTER_INITS = ("random", "zeros", "kmeans")
+ROUTER_INITS = ("random", "zeros", "kmeans", "avg_k")
+# router_init="avg_k" reads each expert's share of the dense FFN's keys: only the strategies that cut it into blocks.
+AVG_K_INITS = ("split", "granular")
 UPCYCLE_CONFIG_VERSION = 1
 
 
@@ -106,7 +108,9 @@ class UpcycleConfig(JsonConfig):
             on calibration activations, or on the rows of w1 when no calibration is given).
         granularity: init="granular": G, the number of slices of width H/G the dense FFN is cut into.
         router_init: "random" (normal, std `router_std`), "zeros" or "kmeans" (normalised k-means centroids
-            of the calibration hidden states; needs calibration). None picks the strategy's default:
+            of the calibration hidden states; needs calibration) or "avg_k" (split and granular only: row e is
+            the mean of expert e's first-layer rows, its gate rows when gated: Avg-K's block key, Liu et al.
+            2023; see `moeify.routers.avg_k`). None picks the strategy's default:
             "zeros" for split (what makes split exact), "random" otherwise.
         router_std: std of the "random" router init (0.02, as the Router's own init).
         kmeans_iters: iteration cap of every k-means here (router and neuron clustering).
@@ -150,6 +154,9 @@ class UpcycleConfig(JsonConfig):
         need(self.router_init is None or self.router_init in ROUTER_INITS,
              f"unknown router_init {self.router_init!r}; valid: {', '.join(ROUTER_INITS)} "
              "(or None for the strategy's default)")
+        need(self.router_init != "avg_k" or self.init in AVG_K_INITS,
+             f"router_init='avg_k' averages each expert's block of the dense FFN's keys, which only "
+             f"init='split' or 'granular' cut; got init={self.init!r}: use one of those, or another router_init")
         need(real(self.router_std) and self.router_std >= 0,
              f"router_std must be a finite number >= 0, got {self.router_std!r}")
         need(isinstance(self.kmeans_iters, int) and not isinstance(self.kmeans_iters, bool)

@@ -23,10 +23,12 @@ PRESERVATION: dict[str, str] = {
              "under hash and random always (weights 1/k)"),
     "noise": "no (weights move by noise_std relative to their std; noise_std=0 is copy)",
     "drop": "no (round(drop_rate*H) neurons re-drawn per expert; drop_rate=0 is copy)",
-    "split": "yes, with k = E and router_init='zeros' (split's default); any score_fn, normalize",
+    "split": ("yes, with k = E and router_init='zeros' (split's default); any score_fn, normalize "
+              "(not with 'avg_k' or router='avg_k': unequal expert weights)"),
     "granular": ("yes, with normalize=True, k a multiple of G and router_init 'random' or 'kmeans' "
                  "(router rows tied per virtual group); or k = E with normalize=True or softmax "
-                 "(any router_init), or sigmoid with router_init='zeros'"),
+                 "(any router_init but 'avg_k' with G > 1), or sigmoid with router_init='zeros' "
+                 "(router_init='avg_k' and router='avg_k' with G = 1 count as 'zeros')"),
     "none": "not applicable (weights left as they are)",
 }
 

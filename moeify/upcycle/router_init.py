@@ -5,6 +5,10 @@
 - "kmeans": spherical k-means (cosine) of the calibration hidden states (the FFN inputs), E clusters; the
   rows are the unit-norm centroids. Since logits are x . c_e = |x| cos(x, c_e), a token's top-1 expert at
   init is exactly its k-means cluster. Needs calibration.
+- "avg_k" (split and granular): row e is the mean of expert e's key rows of w1 (gate rows when gated), the
+  block key Avg-K routes with (`moeify.routers.avg_k.mean_keys`); a learned top-k router starting at the
+  tied Avg-K router's logits. Read from the experts just filled, after the strategy ran; one row per expert
+  (granular experts holding the same slice get equal rows, so `groups` does not tie anything more).
 
 `groups` > 1 (granular) ties the rows within each virtual group: E/groups distinct rows (random draws or
 E/groups centroids), each repeated `groups` times. A router without a learned weight (hash routing) is
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from moeify.routers.avg_k import mean_keys
 from moeify.upcycle._common import flatten_calibration
 from moeify.upcycle.config import UpcycleError
 from moeify.upcycle.kmeans import spherical_kmeans
@@ -39,6 +44,12 @@ def init_router(layer, cfg, calibration: Tensor | None, gen: torch.Generator, gr
     distinct = rows // groups if tie else rows
     if mode == "zeros":
         weight.zero_()
+        return mode
+    if mode == "avg_k":
+        if rows != E:
+            raise UpcycleError(f"router_init='avg_k' needs a router with one row per expert ({E}), this "
+                               f"router has {rows}; use router_init='random'")
+        weight.copy_(mean_keys(layer.w1.float(), layer.config.gated))  # [E, D]
         return mode
     if mode == "random":
         base = torch.randn(distinct, weight.shape[1], generator=gen) * cfg.router_std

@@ -1,5 +1,6 @@
 """ONNX parity of the literature's routers and options that test_export.py's generic chains do not pin:
-SparseMixer (moeify ops on both targets, never com.microsoft.MoE), the balanced hash table."""
+SparseMixer (moeify ops on both targets, never com.microsoft.MoE), the balanced hash table, Avg-K (tied and
+untied)."""
 
 from __future__ import annotations
 
@@ -90,5 +91,39 @@ def test_soft_moe_per_sequence_normalised_parity(tmp_path):
                                 soft_normalize=True, activation="gelu"))
     model = Residual(layer).eval()
     result = moeify.export_onnx(model, torch.randn(2, 5, D), tmp_path / "soft.onnx", target="portable")
+    name = make_session(result.path).get_inputs()[0].name
+    assert_parity(model, result, [{name: torch.randn(b, s, D)} for b, s in [(1, 1), (3, 17)]])
+
+
+def avg_k_layers(tied: bool) -> list[moeify.MoELayer]:
+    """Two SwiGLU layers split from dense FFNs: routed by the tied Avg-K router, or by a plain learned
+    top-k router initialised at the same mean keys (router_init="avg_k")."""
+    from moeify.dense_ffn import DenseFFN
+    from moeify.upcycle import DenseFFNWeights, UpcycleConfig, expert_d_ff, upcycle_layer
+
+    ucfg = UpcycleConfig(init="split", router_init=None if tied else "avg_k")
+    layers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        dense = DenseFFN(D, 32, "silu", True, False)
+        layer = moeify.MoELayer(cfg(router="avg_k" if tied else "topk", activation="silu", gated=True,
+                                    d_ff=expert_d_ff(ucfg, 32, E)))
+        upcycle_layer(layer, DenseFFNWeights.from_module(dense), ucfg)
+        with torch.no_grad():  # as if trained a little: the experts' keys (and the routing) move apart
+            layer.w1.add_(0.3 * torch.randn(layer.w1.shape))
+        layers.append(layer)
+    return layers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_avg_k_parity(tmp_path, target, tied):
+    """Both forms lower as topk does (com.microsoft.MoE on the ort target, where the tied router's logits
+    are a MatMul with the ReduceMean of w1's gate rows); ONNX Runtime matches PyTorch."""
+    model = nn.Sequential(*map(Residual, avg_k_layers(tied))).eval()
+    result = moeify.export_onnx(model, torch.randn(2, 5, D), tmp_path / "avg_k.onnx", target=target)
+    want = {"portable": {"moeify.GroupedFFN (inlined)"}, "ort": {"com.microsoft.MoE"}}[target]
+    assert set(result.layers.values()) == want
     name = make_session(result.path).get_inputs()[0].name
     assert_parity(model, result, [{name: torch.randn(b, s, D)} for b, s in [(1, 1), (3, 17)]])

@@ -118,7 +118,9 @@ def test_preservation_claims_hold_over_routing_grid():
         UpcycleConfig(init="split"),
         *[UpcycleConfig(init="granular", granularity=g) for g in (1, 2, 4)],
     ]
-    for base, router_init in itertools.product(inits, ("random", "zeros", "kmeans")):
+    for base, router_init in itertools.product(inits, ("random", "zeros", "kmeans", "avg_k")):
+        if router_init == "avg_k" and base.init == "copy":
+            continue  # avg_k averages the blocks of split and granular only (a config error)
         ucfg = base.replace(router_init=router_init)
         grid = itertools.product(range(1, E + 1), (True, False), ("softmax", "sigmoid"))
         for k, normalize, score_fn in grid:
@@ -429,7 +431,7 @@ def test_every_strategy_overwrites_all_expert_weights(init):
         (dict(init="noise", noise_std=float("nan")), "noise_std must be a finite number >= 0"),
         (dict(init="granular", granularity=0), "granularity must be an integer >= 1"),
         (dict(init="split", split_method="kmeans"), "unknown split_method 'kmeans'; valid: random, cluster"),
-        (dict(router_init="learned"), "unknown router_init 'learned'; valid: random, zeros, kmeans"),
+        (dict(router_init="learned"), "unknown router_init 'learned'; valid: random, zeros, kmeans, avg_k"),
         (dict(init="copy", granularity=2), "granularity=2 is only used by init='granular', not init='copy'"),
         (dict(init="split", drop_rate=0.2), "drop_rate=0.2 is only used by init='drop'"),
         (dict(seed=1.5), "seed must be an integer"),
