@@ -102,10 +102,9 @@ class TopKRouter(Router):
             return config.normalize or (config.score_fn == "softmax" and k == E)
         if upcycle.init == "granular" and router_init == "avg_k":
             # mean keys equal across virtual groups and differ within one (G > 1): no whole-group selection,
-            # no exact sum; with G = 1 every expert holds the whole FFN, so all rows tie, as "zeros"
-            if upcycle.granularity > 1:
-                return False
-            router_init = "zeros"
+            # no exact sum. G = 1: every expert is the whole FFN, all rows tie (non-zero: sigmoid scores
+            # are not 1/2), so as copy
+            return upcycle.granularity == 1 and (config.normalize or (config.score_fn == "softmax" and k == E))
         if upcycle.init == "split":
             # every expert must be selected with the same weight g0: all of them, under tied logits
             return k == E and router_init == "zeros"

@@ -28,7 +28,7 @@ PRESERVATION: dict[str, str] = {
     "granular": ("yes, with normalize=True, k a multiple of G and router_init 'random' or 'kmeans' "
                  "(router rows tied per virtual group); or k = E with normalize=True or softmax "
                  "(any router_init but 'avg_k' with G > 1), or sigmoid with router_init='zeros' "
-                 "(router_init='avg_k' and router='avg_k' with G = 1 count as 'zeros')"),
+                 "(router_init='avg_k' and router='avg_k' with G = 1: rows tie, exact as copy is)"),
     "none": "not applicable (weights left as they are)",
 }
 

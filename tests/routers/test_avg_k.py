@@ -105,7 +105,9 @@ def test_capabilities_and_preservation_claims():
     assert not preserves("split", "avg_k", E, E, True)  # unequal expert weights, whatever router_init
     assert not preserves("split", "topk", E, E, True, router_init="avg_k")
     assert not preserves("granular", "topk", E, E, True, granularity=2, router_init="avg_k")
-    assert preserves("granular", "topk", E, E, True, granularity=1, router_init="avg_k")  # all rows tie
+    assert preserves("granular", "topk", 2, E, True, granularity=1, router_init="avg_k")  # rows tie: copy
+    assert not preserves("granular", "topk", E, E, False, score_fn="sigmoid", granularity=1,
+                         router_init="avg_k")  # tied but not zero: sigmoid weights are not 1/2
 
 
 @pytest.mark.parametrize("init", ["copy", "noise", "drop"])
