@@ -116,7 +116,7 @@ class Router(nn.Module):
         return config.num_experts
 
     def router_input(self, x: Tensor) -> Tensor:
-        """x [T, D] in the router dtype (float32 by default, whatever x is), with the jitter noise in training."""
+        """x [T, D] in the router dtype (float32 by default, whatever x is), with jitter noise in training."""
         x = x.to(getattr(torch, self.config.router_dtype))
         if self.training and self.config.jitter_noise > 0:
             eps = self.config.jitter_noise

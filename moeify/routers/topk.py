@@ -104,7 +104,8 @@ class TopKRouter(Router):
             # mean keys equal across virtual groups and differ within one (G > 1): no whole-group selection,
             # no exact sum. G = 1: every expert is the whole FFN, all rows tie (non-zero: sigmoid scores
             # are not 1/2), so as copy
-            return upcycle.granularity == 1 and (config.normalize or (config.score_fn == "softmax" and k == E))
+            as_copy = config.normalize or (config.score_fn == "softmax" and k == E)
+            return upcycle.granularity == 1 and as_copy
         if upcycle.init == "split":
             # every expert must be selected with the same weight g0: all of them, under tied logits
             return k == E and router_init == "zeros"

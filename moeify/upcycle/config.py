@@ -21,7 +21,7 @@ Tensor = torch.Tensor
 INITS = ("copy", "noise", "drop", "split", "granular", "none")
 SPLIT_METHODS = ("random", "cluster")
 ROUTER_INITS = ("random", "zeros", "kmeans", "avg_k")
-# router_init="avg_k" reads each expert's share of the dense FFN's keys: only the strategies that cut it into blocks.
+# router_init="avg_k" averages each expert's share of the dense keys: only the inits that cut them in blocks.
 AVG_K_INITS = ("split", "granular")
 UPCYCLE_CONFIG_VERSION = 1
 
@@ -156,7 +156,8 @@ class UpcycleConfig(JsonConfig):
              "(or None for the strategy's default)")
         need(self.router_init != "avg_k" or self.init in AVG_K_INITS,
              f"router_init='avg_k' averages each expert's block of the dense FFN's keys, which only "
-             f"init='split' or 'granular' cut; got init={self.init!r}: use one of those, or another router_init")
+             f"init='split' or 'granular' cut; got init={self.init!r}: use one of those, or another "
+             "router_init")
         need(real(self.router_std) and self.router_std >= 0,
              f"router_std must be a finite number >= 0, got {self.router_std!r}")
         need(isinstance(self.kmeans_iters, int) and not isinstance(self.kmeans_iters, bool)

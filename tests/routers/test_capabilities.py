@@ -98,7 +98,8 @@ def test_every_router_class_answers():
 
 
 def test_router_class_names_the_valid_routers():
-    with pytest.raises(moeify.ConfigError, match="unknown router 'switch'; valid: avg_k, balanced, expert_choice"):
+    with pytest.raises(moeify.ConfigError,
+                       match="unknown router 'switch'; valid: avg_k, balanced, expert_choice"):
         router_class("switch")
     with pytest.raises(moeify.ConfigError, match="unknown router None"):
         router_class(None)
