@@ -36,6 +36,7 @@ ROUTER_CASES = {
     "balanced_eval": (dict(router="balanced"), False, False),
     "sparsemixer_train": (dict(router="sparsemixer", sparsemixer_eps=0.5), True, False),  # samples: same seed
     "sparsemixer_eval": (dict(router="sparsemixer"), False, False),
+    "smile": (dict(router="smile", router_groups=2), True, False),  # node gate, then local gate
 }
 
 

@@ -46,6 +46,18 @@ def check_divisible(num_experts: int, world: int, where: str = "") -> None:
         )
 
 
+def check_groups_fit_nodes(groups: int, nodes: int, where: str) -> None:
+    """Bi-level exchange: a router that keeps each token's experts inside one of `groups` contiguous groups
+    (`RouterCapabilities.expert_groups`) must have no group straddling two of the mesh's `nodes`, or a token
+    would cross the node boundary more than once (bi-level routing's whole point)."""
+    if groups > 1 and groups % nodes != 0:
+        raise ParallelError(
+            f"the router of {where} keeps each token's experts in one of {groups} groups, which does not fit "
+            f"the bi-level mesh's {nodes} nodes (a group would straddle two nodes); set router_groups to a "
+            f"multiple of {nodes}, or use a mesh whose 'node' size divides {groups}"
+        )
+
+
 def local_shard(param: Tensor | None) -> Tensor | None:
     """The rank's own rows of an expert parameter (a DTensor's local shard, or the tensor itself)."""
     if param is None:

@@ -45,6 +45,9 @@ class RouterCapabilities:
         lowerings: the ONNX ops that can express the router's layer, in order of preference, of
             ORT_MOE, GROUPED_FFN and SOFT_EXPERTS; an op's own file still checks what is not the router's
             business (activation, installed runtime).
+        expert_groups: G > 1 when every token's experts lie in one of G contiguous groups of E/G experts
+            (bi-level routing: group = node); `moeify.parallelize(..., bilevel=True)` checks that no group
+            straddles two nodes of its mesh. 1: no such promise.
 
     Claiming ORT_MOE says what the routing *is*, not only that it can be lowered: each token takes the top
     `config.k` of `config.score_fn` over `compute_logits(x)` [T, E], renormalised when `config.normalize`,
@@ -59,6 +62,7 @@ class RouterCapabilities:
     mixes_tokens: bool
     active_experts: float
     lowerings: tuple[str, ...]
+    expert_groups: int = 1
 
 
 class Router(nn.Module):
