@@ -141,12 +141,12 @@ class MoEConfig(JsonConfig):
         """router_groups > 1: the router must route by groups, and each group must hold at least k experts."""
         G, E = self.router_groups, self.num_experts
         need(router_class(self.router).capabilities(self).expert_groups > 1,
-             f"router {self.router!r} does not route by expert groups, so router_groups={G} would be ignored; "
-             "use router=\"smile\" (bi-level routing) or leave router_groups at 1")
-        need(E % G == 0, f"num_experts ({E}) must be divisible by router_groups ({G}): each group (node) holds "
-                         "E / router_groups experts")
-        need(self.k <= E // G, f"k ({self.k}) must be <= the experts of one group, num_experts / router_groups "
-                               f"= {E // G}: a token's experts all lie in the group it chose")
+             f"router {self.router!r} does not route by expert groups, so router_groups={G} would be "
+             "ignored; use router=\"smile\" (bi-level routing) or leave router_groups at 1")
+        need(E % G == 0, f"num_experts ({E}) must be divisible by router_groups ({G}): each group (node) "
+                         "holds E / router_groups experts")
+        need(self.k <= E // G, f"k ({self.k}) must be <= the experts of one group, num_experts / "
+                               f"router_groups = {E // G}: a token's experts all lie in the group it chose")
 
     # --- derived values
     @property

@@ -11,6 +11,8 @@ experts [r*L, (r+1)*L). One forward on every rank:
   2. stage by stage, send each token row to the rank of that stage's group on the path to its experts'
      owner, once per destination (`moeify.parallel.hop`), with the assignments' experts and weights;
      bi-level: first to the right node (one row per token and node crosses nodes), then inside the node;
+     with SMILE's bi-level router (`moeify.routers.smile`) a token's experts all lie in one node, so at
+     most one row per token crosses;
   3. the owner runs `grouped_ffn` on the rows it received with its L experts, weighting each assignment;
   4. the outputs retrace the stages in reverse and are summed into the token's row at home.
 The exchanges are autograd-aware: backward sends the gradients the same way back, and the routing weights'

@@ -51,7 +51,8 @@ if TYPE_CHECKING:  # annotations only: moeify.config imports this package to che
 Tensor = torch.Tensor
 
 
-def bilevel_choice(node_logits: Tensor, local_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def bilevel_choice(node_logits: Tensor, local_logits: Tensor,
+                   k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """node_logits [T, N], local_logits [T, M] -> (p_node [T, N], p_local [T, M], experts [T, K] int64,
     weights [T, K]): top-1 node, top-k slots inside it, weight = p_node * p_local."""
     M = local_logits.shape[-1]
@@ -68,7 +69,8 @@ class SmileRouter(Router):
 
     @classmethod
     def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
-        return dataclasses.replace(super().capabilities(config), mixes_tokens=config.capacity_factor is not None,
+        return dataclasses.replace(super().capabilities(config),
+                                   mixes_tokens=config.capacity_factor is not None,
                                    expert_groups=config.router_groups)
 
     @staticmethod
@@ -82,7 +84,7 @@ class SmileRouter(Router):
         T = x.shape[0]
         logits = self.compute_logits(x)  # [T, N + M]
         node_logits, local_logits = logits[:, :N], logits[:, N:]  # [T, N], [T, M]
-        p_node, p_local, top_idx, top_w = bilevel_choice(node_logits, local_logits, K)  # [T, N], [T, M], [T, K] x2
+        p_node, p_local, top_idx, top_w = bilevel_choice(node_logits, local_logits, K)  # .., [T, K] x2
         chosen_nodes = top_idx[:, 0] // M  # [T] the gates' decisions, before any capacity drop
         chosen_slots = (top_idx % M).reshape(-1)  # [T*K]
         capacity_factor = active_capacity_factor(cfg, self.training)
