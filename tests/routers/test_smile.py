@@ -170,6 +170,21 @@ def test_bad_groups_are_refused_with_a_reason(fields, needle):
         moeify.MoEConfig(**{**base, **fields})
 
 
+def test_kmeans_router_init_is_refused_even_when_the_rows_count_matches():
+    """N + M = E here (2 + 2 = 4): the rows are gates over nodes and over a node's experts, not centroids."""
+    from moeify.upcycle import DenseFFNWeights, UpcycleConfig, UpcycleError, upcycle_layer
+
+    cfg = moeify.MoEConfig(d_model=D, d_ff=H, num_experts=4, k=1, router="smile", router_groups=2,
+                           activation="gelu", bias=False)
+    layer = moeify.MoELayer(cfg)
+    assert layer.router.weight.shape[0] == 4
+    dense = DenseFFNWeights(w1=torch.randn(H, D), b1=None, w2=torch.randn(D, H), b2=None, activation="gelu",
+                            gated=False)
+    with pytest.raises(UpcycleError, match="one row per expert"):
+        upcycle_layer(layer, dense, UpcycleConfig(init="copy", router_init="kmeans"),
+                      calibration=torch.randn(32, D))
+
+
 @pytest.fixture(scope="module")
 def converted():
     from tests.zoo import ZOO
