@@ -6,8 +6,8 @@ node, K = config.k.
 
 Experts are laid out node-major: node n holds experts [n*M, (n+1)*M). That is the layout
 `moeify.parallelize(model, ep_mesh=<('node', 'local') mesh>, bilevel=True)` shards them in, so with N a
-multiple of the mesh's node count the first all_to_all sends a token to its chosen node only (one row per
-token crosses the node boundary) and the second moves it inside that node.
+multiple of the mesh's node count the first all_to_all sends a token to its chosen node only (at most one
+row per token crosses the node boundary) and the second moves it inside that node.
 
 The routing (paper, "Orchestration of Inter-node All2All and Intra-node All2All"):
 - node gate (the paper's inter-node router): p_node = softmax(x W_node^T) [T, N]; the token takes its top-1
@@ -17,12 +17,15 @@ The routing (paper, "Orchestration of Inter-node All2All and Intra-node All2All"
   experts of the same node, so a token still crosses to one node only;
 - combine weight = p_node[n] * p_local[j], the product of the two gate values (never renormalised:
   `config.normalize` does not apply, so copies of a dense FFN do not reproduce it: no `preserves_dense`).
-W_local is one [M, D] matrix shared by every node, the paper's point that splitting the routing shrinks the
-router: N + M rows instead of E = N * M. Both gates live in the router's one `weight` [N + M, D]: rows
-[0, N) are the node gate, rows [N, N + M) the local gate. The router runs where the token lives (before any
-exchange), which computes the same function as running the local gate on the destination node.
+W_local is one [M, D] matrix shared by every node: the paper notes that the split reduces the router's
+parameters, and here it has N + M rows instead of E = N * M. Both gates live in the router's one
+`weight` [N + M, D]: rows [0, N) are the node gate, rows [N, N + M) the local gate. The router runs where
+the token lives (before any exchange), which computes the same function as running the local gate on the
+destination node.
 
-Loss (paper, "Additive Load Balancing Loss"): one Switch load-balancing term per level, added:
+Loss (paper, "Additive Load Balancing Loss": two terms, each a scaled dot product of a dispatch-fraction
+vector and a routing-probability vector, i.e. Switch's load-balancing term at each level), added, with the
+one coefficient `aux_loss_coef` for both:
   aux_loss_coef * (N * sum_n f_n P_n  +  M * sum_j f_j P_j)
 f = share of the tokens' choices (nodes; slots inside the node), P = mean gate probability, both over the
 tokens of this forward; `losses["node_balance"]` and `losses["local_balance"]` (no node term when N = 1: one
