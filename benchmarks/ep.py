@@ -19,7 +19,10 @@ summed over ranks: bytes and messages (non-empty sends, every exchange including
 processes laid out as 2 "nodes" x 2, it also counts what crosses the node boundary:
   per assignment   a token row is sent once per expert assignment (what deduplication replaces)
   dedupe           once per destination rank (the default)
-  bi-level         once per destination node, then once per rank inside it (SMILE; dedupe at both stages)
+  bi-level         once per destination node, then once per rank inside it (SMILE's exchange; dedupe at both
+                   stages), with the layer's flat top-2 router: a token's two experts may sit on both nodes
+  bi-level, SMILE  the same exchange with SMILE's bi-level router (`router="smile"`, router_groups = nodes):
+                   top-1 node, then top-2 inside it, so a token crosses the node boundary at most once
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from pathlib import Path
 import torch
 
 LOCAL = 2  # ranks per "node" in the traffic table
-TRAFFIC_MODES = ("per-assignment", "dedupe", "bilevel")
+TRAFFIC_MODES = ("per-assignment", "dedupe", "bilevel", "bilevel-smile")
 
 
 def worker(rank: int, world: int, mode: str, store: str, args: dict) -> dict:
@@ -51,8 +54,9 @@ def worker(rank: int, world: int, mode: str, store: str, args: dict) -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
+    router = dict(router="smile", router_groups=world // LOCAL) if mode == "bilevel-smile" else {}
     cfg = moeify.MoEConfig(d_model=args["d"], d_ff=args["h"], num_experts=args["e"], k=2, activation="silu",
-                           gated=True)
+                           gated=True, **router)
     torch.manual_seed(0)
     layer = moeify.MoELayer(cfg)
     timer = CommTimer(node_of=lambda r: r // LOCAL)
@@ -60,7 +64,7 @@ def worker(rank: int, world: int, mode: str, store: str, args: dict) -> dict:
         shard_experts(layer, timer=timer, grad_scale=1.0 / world)
     elif mode in TRAFFIC_MODES:
         mesh = None
-        if mode == "bilevel":
+        if mode.startswith("bilevel"):
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh("cpu", (world // LOCAL, LOCAL), mesh_dim_names=("node", "local"))
@@ -159,7 +163,7 @@ def print_traffic(args: dict) -> None:
     print(f"{'config':<30}{'KiB sent':>10}{'messages':>10}{'KiB cross-node':>16}{'msgs cross-node':>17}")
     rows = [("2 processes, per assignment", 2, "per-assignment"), ("2 processes, dedupe", 2, "dedupe"),
             ("4 processes, per assignment", 4, "per-assignment"), ("4 processes, dedupe", 4, "dedupe"),
-            ("4 processes, bi-level", 4, "bilevel")]
+            ("4 processes, bi-level", 4, "bilevel"), ("4 processes, bi-level, SMILE", 4, "bilevel-smile")]
     for label, world, mode in rows:
         nbytes, msgs, node_bytes, node_msgs = run(world, mode, args)["traffic"]
         cross = (f"{node_bytes / 1024:>16.1f}{node_msgs:>17}" if world > LOCAL else f"{'-':>16}{'-':>17}")

@@ -58,6 +58,7 @@ class MoEConfig(JsonConfig):
     hash_seed: int = 0
     hash_vocab_size: int | None = None  # hash/random: a lookup table over ids [0, V) (balanced hash)
     sparsemixer_eps: float = 0.01  # sparsemixer: mask s with (max - s) / max(|s|, max) > 2 eps (Phi-3.5-MoE)
+    router_groups: int = 1  # smile: nodes N; node n holds experts [n*E/N, (n+1)*E/N) (node-major)
     # --- shared experts (DeepSeekMoE): always on, summed with the routed output
     num_shared_experts: int = 0
     shared_d_ff: int | None = None  # hidden width of each shared expert (default d_ff)
@@ -112,7 +113,7 @@ class MoEConfig(JsonConfig):
         for name in ("jitter_noise", "aux_loss_coef", "z_loss_coef", "sparsemixer_eps"):
             value = getattr(self, name)
             need(is_number(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("slots_per_expert", "sinkhorn_iters"):
+        for name in ("slots_per_expert", "sinkhorn_iters", "router_groups"):
             value = getattr(self, name)
             need(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         one_of("random_eval_rule", RANDOM_EVAL_RULES)
@@ -128,11 +129,24 @@ class MoEConfig(JsonConfig):
             f"shared_d_ff must be an integer >= 1 (or None for d_ff), got {self.shared_d_ff!r}",
         )
         one_of("router_dtype", ("float32", "float64"))
+        if self.router_groups > 1:
+            self._check_router_groups(need)
         need(
             self.version == CONFIG_VERSION,
             f"config version {self.version!r} is not supported by this moeify (expects {CONFIG_VERSION}); "
             "upgrade moeify or re-create the config",
         )
+
+    def _check_router_groups(self, need) -> None:
+        """router_groups > 1: the router must route by groups, and each group must hold at least k experts."""
+        G, E = self.router_groups, self.num_experts
+        need(router_class(self.router).capabilities(self).expert_groups > 1,
+             f"router {self.router!r} does not route by expert groups, so router_groups={G} would be "
+             "ignored; use router=\"smile\" (bi-level routing) or leave router_groups at 1")
+        need(E % G == 0, f"num_experts ({E}) must be divisible by router_groups ({G}): each group (node) "
+                         "holds E / router_groups experts")
+        need(self.k <= E // G, f"k ({self.k}) must be <= the experts of one group, num_experts / "
+                               f"router_groups = {E // G}: a token's experts all lie in the group it chose")
 
     # --- derived values
     @property

@@ -37,6 +37,7 @@ ROUTER_CASES = {
     "sparsemixer_train": (dict(router="sparsemixer", sparsemixer_eps=0.5), True, False),  # samples: same seed
     "sparsemixer_eval": (dict(router="sparsemixer"), False, False),
     "avg_k": (dict(router="avg_k"), True, False),  # tied to the experts' w1: gradients reach it twice
+    "smile": (dict(router="smile", router_groups=2), True, False),  # node gate, then local gate
 }
 
 

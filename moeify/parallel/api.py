@@ -38,7 +38,10 @@ def parallelize(model: nn.Module, ep_group=None, dp_mesh: DeviceMesh | None = No
             named ('dp', 'ep') for hybrid EP x DP (experts sharded over 'ep', each shard replicated over
             'dp'; e.g. `init_device_mesh("cuda", (2, 4), mesh_dim_names=("dp", "ep"))`); with
             `bilevel=True`, named ('node', 'local') or ('dp', 'node', 'local'): bi-level exchange.
-        bilevel: route tokens node first, then inside the node (two all-to-all stages; SMILE).
+        bilevel: route tokens node first, then inside the node (two all-to-all stages; SMILE). Any router
+            works; SMILE's bi-level router (`router="smile"`, `router_groups` a multiple of the mesh's node
+            count) sends each token to one node only. A router whose expert groups straddle two nodes
+            (`RouterCapabilities.expert_groups`) raises ParallelError.
         dedupe: send a token once per destination rank (default), not once per expert assignment.
 
     Gradients: DDP/FSDP average the non-expert gradients over all W ranks. An expert's gradient is the sum

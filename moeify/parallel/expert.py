@@ -11,6 +11,8 @@ experts [r*L, (r+1)*L). One forward on every rank:
   2. stage by stage, send each token row to the rank of that stage's group on the path to its experts'
      owner, once per destination (`moeify.parallel.hop`), with the assignments' experts and weights;
      bi-level: first to the right node (one row per token and node crosses nodes), then inside the node;
+     with SMILE's bi-level router (`moeify.routers.smile`) a token's experts all lie in one node, so at
+     most one row per token crosses;
   3. the owner runs `grouped_ffn` on the rows it received with its L experts, weighting each assignment;
   4. the outputs retrace the stages in reverse and are summed into the token's row at home.
 The exchanges are autograd-aware: backward sends the gradients the same way back, and the routing weights'
@@ -43,6 +45,18 @@ def check_divisible(num_experts: int, world: int, where: str = "") -> None:
             f"num_experts ({num_experts}){' of ' + where if where else ''} is not divisible by the "
             f"expert-parallel group size ({world}); use a group size that divides {num_experts} "
             "or change num_experts"
+        )
+
+
+def check_groups_fit_nodes(groups: int, nodes: int, where: str) -> None:
+    """Bi-level exchange: a router that keeps each token's experts inside one of `groups` contiguous groups
+    (`RouterCapabilities.expert_groups`) must have no group straddling two of the mesh's `nodes`, or a token
+    would cross the node boundary more than once (bi-level routing's whole point)."""
+    if groups > 1 and groups % nodes != 0:
+        raise ParallelError(
+            f"the router of {where} keeps each token's experts in one of {groups} groups, which does not fit "
+            f"the bi-level mesh's {nodes} nodes (a group would straddle two nodes); set router_groups to a "
+            f"multiple of {nodes}, or use a mesh whose 'node' size divides {groups}"
         )
 
 

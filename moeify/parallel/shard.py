@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from moeify.parallel.comm import CommTimer
 from moeify.parallel.errors import ParallelError
-from moeify.parallel.expert import EXPERT_PARAMS, ExpertParallel, check_divisible
+from moeify.parallel.expert import EXPERT_PARAMS, ExpertParallel, check_divisible, check_groups_fit_nodes
 from moeify.parallel.group import resolve_layout
 
 DP_DIM = "dp"  # the mesh dimension expert shards are replicated over
@@ -91,6 +91,9 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0, timer: 
         world *= dist.get_world_size(g)
     for name, layer in layers:  # validate everything before changing anything
         check_divisible(layer.num_experts, world, f"layer {name or '<root>'!r}")
+        if bilevel:
+            nodes = dist.get_world_size(stages[0])
+            check_groups_fit_nodes(layer.router.caps.expert_groups, nodes, f"layer {name or '<root>'!r}")
         if isinstance(layer.w1, DTensor):
             raise ParallelError(f"layer {name or '<root>'!r} is already sharded")
     for _, layer in layers:

@@ -47,6 +47,9 @@ class RouterCapabilities:
             business (activation, installed runtime).
         reads_expert_weights: routes on its layer's expert weights (tied to the experts, as Avg-K):
             `MoELayer` calls it with `expert_w1=layer.w1` [E, H1, D].
+        expert_groups: G > 1 when every token's experts lie in one of G contiguous groups of E/G experts
+            (bi-level routing: group = node); `moeify.parallelize(..., bilevel=True)` checks that no group
+            straddles two nodes of its mesh. 1: no such promise.
 
     Claiming ORT_MOE says what the routing *is*, not only that it can be lowered: each token takes the top
     `config.k` of `config.score_fn` over `compute_logits(x)` [T, E], renormalised when `config.normalize`,
@@ -62,6 +65,7 @@ class RouterCapabilities:
     active_experts: float
     lowerings: tuple[str, ...]
     reads_expert_weights: bool = False
+    expert_groups: int = 1
 
 
 class Router(nn.Module):

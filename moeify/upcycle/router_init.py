@@ -40,7 +40,9 @@ def init_router(layer, cfg, calibration: Tensor | None, gen: torch.Generator, gr
         return "untouched (router has no learned weight)"
     E, D = layer.w1.shape[0], layer.w1.shape[2]
     rows = weight.shape[0]
-    tie = groups > 1 and rows == E
+    # a bi-level router's rows are gates over nodes and over a node's experts, not one row per expert
+    per_expert = rows == E and layer.router.caps.expert_groups == 1
+    tie = groups > 1 and per_expert
     distinct = rows // groups if tie else rows
     if mode == "zeros":
         weight.zero_()
@@ -54,7 +56,7 @@ def init_router(layer, cfg, calibration: Tensor | None, gen: torch.Generator, gr
     if mode == "random":
         base = torch.randn(distinct, weight.shape[1], generator=gen) * cfg.router_std
     else:
-        if rows != E:
+        if not per_expert:
             raise UpcycleError(f"router_init='kmeans' needs a router with one row per expert ({E}), "
                                f"this router has {rows}; use router_init='random'")
         x = flatten_calibration(calibration, D, gen)

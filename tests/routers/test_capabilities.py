@@ -20,9 +20,9 @@ def cfg(router: str, **kw) -> moeify.MoEConfig:
     return moeify.MoEConfig(**{"d_model": D, "d_ff": 16, "num_experts": E, "k": 2, "router": router, **kw})
 
 
-def caps(learned=True, ids=False, soft=False, mixes=False, active=2.0, lowerings=(GROUPED_FFN,)):
+def caps(learned=True, ids=False, soft=False, mixes=False, active=2.0, lowerings=(GROUPED_FFN,), groups=1):
     return RouterCapabilities(learned=learned, reads_token_ids=ids, soft=soft, mixes_tokens=mixes,
-                              active_experts=active, lowerings=lowerings)
+                              active_experts=active, lowerings=lowerings, expert_groups=groups)
 
 
 # (router, MoEConfig options, what it declares)
@@ -43,6 +43,8 @@ TABLE = [
      caps(soft=True, mixes=True, active=4.0, lowerings=(SOFT_EXPERTS,))),
     ("balanced", {}, caps(mixes=True, active=1.0)),  # top-1 whatever k says
     ("balanced", {"k": 3}, caps(mixes=True, active=1.0)),
+    ("smile", {"router_groups": 2}, caps(groups=2)),  # each token's experts inside one of 2 nodes
+    ("smile", {"k": 1, "capacity_factor": 1.0}, caps(mixes=True, active=1.0)),  # one node: no groups
 ]
 
 
@@ -53,7 +55,7 @@ def _id(row):
 
 def test_table_covers_every_builtin_router():
     assert {router for router, _, _ in TABLE} == {"topk", "expert_choice", "hash", "random", "soft",
-                                                  "balanced"}
+                                                  "balanced", "smile"}
 
 
 @pytest.mark.parametrize("row", TABLE, ids=_id)
@@ -67,7 +69,7 @@ def test_declared_capabilities(row):
 @pytest.mark.parametrize("row", TABLE, ids=_id)
 def test_declarations_hold(row):
     """learned <-> parameters; soft <-> a SoftRouting; active_experts <-> choices per token (eval, dropped
-    ones counted);
+    ones counted); expert_groups > 1 -> a token's experts lie in one group;
     reads_token_ids <-> the route changes with the ids; not mixes_tokens <-> a token's route ignores the
     others."""
     router, options, want = row
@@ -80,6 +82,9 @@ def test_declarations_hold(row):
     if want.soft:
         return
     assert out.expert_idx.numel() / T == pytest.approx(want.active_experts)
+    group = out.expert_idx // (E // want.expert_groups)  # [N] the group of each assignment
+    groups_per_token = [len(set(group[out.token_idx == t].tolist())) for t in range(T)]
+    assert (max(groups_per_token) == 1) >= (want.expert_groups > 1)  # grouped: one group a token
     ids = torch.arange(T)
     assert (not torch.equal(r(x, token_ids=ids).expert_idx, out.expert_idx)) == want.reads_token_ids
     if not want.mixes_tokens:  # the first 5 tokens route alike with or without the rest
