@@ -59,24 +59,25 @@ def moe_sites(model: nn.Module) -> list[MoESite]:
     return sites
 
 
-def check_architecture(model: nn.Module) -> str:
-    """The HF class name of a decoder the builder route takes; a one-line MoeifyError saying why not."""
+def builder_refusal(model: nn.Module) -> str | None:
+    """None when the builder route takes `model`, else why not (one line)."""
     config = getattr(model, "config", None)
     name = type(model).__name__
     if config is None or not hasattr(config, "to_dict"):
-        raise MoeifyError(
-            f"--genai exports Hugging Face decoders; {name} is not one (the builder route needs "
-            f"a transformers config): supported: {', '.join(BUILDER_ARCHITECTURES)}"
-        )
+        return f"{name} has no transformers config"
     if name not in BUILDER_ARCHITECTURES:
-        raise MoeifyError(
-            f"--genai: ONNX Runtime GenAI's builder route covers {', '.join(BUILDER_ARCHITECTURES)}"
-            f"; {name} is not one of them (an export with moeify's own KV cache is not "
-            "written yet)"
-        )
+        return f"the builder route covers {', '.join(BUILDER_ARCHITECTURES)}, not {name}"
     if getattr(config, "mlp_bias", False):
-        raise MoeifyError("--genai: this model's MLPs have biases, which the builder's LLaMA MLP lacks")
-    return name
+        return "this model's MLPs have biases, which the builder's LLaMA MLP lacks"
+    return None
+
+
+def check_architecture(model: nn.Module) -> str:
+    """The HF class name of a decoder the builder route takes; a one-line MoeifyError saying why not."""
+    why = builder_refusal(model)
+    if why is not None:
+        raise MoeifyError(f"--genai: {why}")
+    return type(model).__name__
 
 
 def dense_state(model: nn.Module, sites: list[MoESite]) -> dict[str, torch.Tensor]:

@@ -194,8 +194,8 @@ def test_architecture_the_builder_does_not_know_is_refused(tmp_path):
     from tests.zoo import ZOO
 
     moe = moeify.convert(ZOO["gpt2"].build(), experts=4, k=1, init="copy")
-    with pytest.raises(MoeifyError, match="GPT2LMHeadModel is not one of them"):
-        export_genai(moe, tmp_path / "g", tokenizer_dir=tmp_path)
+    with pytest.raises(MoeifyError, match="builder route covers .*, not GPT2LMHeadModel"):
+        export_genai(moe, tmp_path / "g", tokenizer_dir=tmp_path, route="builder")
 
 
 def test_fp16_on_cpu_and_missing_tokenizer_are_refused(dense, tmp_path):

@@ -1,0 +1,43 @@
+"""Which way `export_genai` writes a model's GenAI folder.
+
+- "builder": ONNX Runtime GenAI's builder on the dense skeleton, then MLP surgery (moeify.genai.surgery):
+  the builder's fused attention and int4/int8 linears, for the architectures it knows and surgery
+  recognises (skeleton.BUILDER_ARCHITECTURES).
+- "own": moeify's export with explicit past/present KV (moeify.genai.own_route): any transformers causal LM
+  whose forward takes a DynamicCache of full-attention layers; fp32/fp16.
+
+"auto" takes the builder where it can and the own route elsewhere; a model neither takes gets one line
+with both reasons.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moeify.errors import MoeifyError
+from moeify.genai.kv_cache import CacheShape
+from moeify.genai.own_route import own_route_refusal
+from moeify.genai.skeleton import builder_refusal
+
+ROUTES = ("auto", "builder", "own")
+
+
+def choose_route(model: nn.Module, route: str = "auto") -> tuple[str, CacheShape | None]:
+    """("builder", None) or ("own", the cache shape) for `model` (in eval mode); MoeifyError saying why
+    neither (or the asked route) takes it."""
+    if route not in ROUTES:
+        raise MoeifyError(f"unknown GenAI route {route!r}; valid: {', '.join(ROUTES)}")
+    name = type(model).__name__
+    builder_why = builder_refusal(model) if route != "own" else None
+    if route == "builder" and builder_why is not None:
+        raise MoeifyError(f"--genai: {builder_why}")
+    if route == "builder" or (route == "auto" and builder_why is None):
+        return "builder", None
+    shape, own_why = own_route_refusal(model)
+    if shape is not None:
+        return "own", shape
+    if route == "own":
+        raise MoeifyError(f"--genai: moeify's own KV-cache export cannot take {name}: {own_why}")
+    raise MoeifyError(
+        f"--genai: no route takes {name}: {builder_why}; and moeify's own KV-cache export: {own_why}"
+    )
