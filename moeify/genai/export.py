@@ -22,8 +22,8 @@ from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.genai.builder import check_target, require_genai, run_builder
-from moeify.genai.router_logits import router_logits
 from moeify.genai.own_route import export_own
+from moeify.genai.router_logits import router_logits
 from moeify.genai.routes import choose_route
 from moeify.genai.skeleton import moe_sites, write_skeleton
 from moeify.genai.surgery import ExpertLayer, replace_mlps

@@ -48,7 +48,9 @@ def special_ids(model: nn.Module) -> dict:
     return ids
 
 
-def decoder_config(model: nn.Module, shape: CacheShape, *, position_ids: bool, filename: str, provider: str) -> dict:
+def decoder_config(
+    model: nn.Module, shape: CacheShape, *, position_ids: bool, filename: str, provider: str
+) -> dict:
     """The genai_config.json dict of `model` exported with explicit KV (see the module docstring), for
     `provider` (cpu | cuda)."""
     config = model.config
@@ -62,12 +64,19 @@ def decoder_config(model: nn.Module, shape: CacheShape, *, position_ids: bool, f
             **special_ids(model),
             "context_length": length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [] if provider == "cpu" else [{provider: {}}]},
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": [] if provider == "cpu" else [{provider: {}}],
+                },
                 "filename": filename,
                 "head_size": shape.head_size,
                 "hidden_size": config.hidden_size,
                 "inputs": inputs,
-                "outputs": {"logits": "logits", "present_key_names": PRESENT[0], "present_value_names": PRESENT[1]},
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": PRESENT[0],
+                    "present_value_names": PRESENT[1],
+                },
                 "num_attention_heads": config.num_attention_heads,
                 "num_hidden_layers": shape.num_layers,
                 "num_key_value_heads": shape.kv_heads,

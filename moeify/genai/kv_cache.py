@@ -1,4 +1,5 @@
-"""A transformers causal LM with its KV cache as flat tensors, for an ONNX graph in ONNX Runtime GenAI's naming.
+"""A transformers causal LM with its KV cache as flat tensors, for an ONNX graph in ONNX Runtime GenAI's
+naming.
 
 Shape legend: B batch, S new positions, P past positions, N total positions (P + S), Hk key/value heads,
 Dh head size, V vocabulary, L decoder layers.
@@ -84,16 +85,25 @@ def probe_cache(model: nn.Module) -> tuple[CacheShape | None, str | None]:
 
     name = cache_argument(model)
     if name is None:
-        return None, f"{type(model).__name__}.forward takes no KV cache (no `cache`/`past_key_values` argument)"
+        return (
+            None,
+            f"{type(model).__name__}.forward takes no KV cache (no `cache`/`past_key_values` argument)",
+        )
     vocab = model.config.vocab_size
     ids = torch.arange(3, dtype=torch.long).remainder(vocab)[None]  # [1, 3]
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{name: DynamicCache()})
+            out = model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{name: DynamicCache()}
+            )
         cache = returned_cache(out)
     except Exception as e:  # a model that will not run with a dynamic cache: the reason, one line
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        return None, f"{type(model).__name__} did not run with a transformers DynamicCache ({type(e).__name__}: {first})"
+        return (
+            None,
+            f"{type(model).__name__} did not run with a transformers DynamicCache "
+            f"({type(e).__name__}: {first})",
+        )
     layers = getattr(cache, "layers", None)
     if not layers or getattr(out, "logits", None) is None:
         return None, f"{type(model).__name__} returned no logits and KV cache layers"
@@ -105,6 +115,10 @@ def probe_cache(model: nn.Module) -> tuple[CacheShape | None, str | None]:
         )
     shapes = {tuple(t.shape) for layer in layers for t in (layer.keys, layer.values)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 4:
-        return None, f"its layers cache keys/values of shapes {sorted(shapes)}; GenAI states one [B, heads, P, head_size]"
+        return (
+            None,
+            f"its layers cache keys/values of shapes {sorted(shapes)}; GenAI states one "
+            "[B, heads, P, head_size]",
+        )
     _, kv_heads, _, head_size = shapes.pop()
     return CacheShape(len(layers), kv_heads, head_size), None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,8 +55,10 @@ def example_inputs(model: nn.Module, shape: CacheShape, dtype: torch.dtype) -> t
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (B, S), generator=g)  # [B, S]
     mask = torch.ones(B, P + S, dtype=torch.long)  # [B, N]
-    past = [torch.randn(B, shape.kv_heads, P, shape.head_size, generator=g).to(dtype)
-            for _ in range(2 * shape.num_layers)]  # 2L x [B, Hk, P, Dh]
+    past = [
+        torch.randn(B, shape.kv_heads, P, shape.head_size, generator=g).to(dtype)
+        for _ in range(2 * shape.num_layers)
+    ]  # 2L x [B, Hk, P, Dh]
     if takes_position_ids(model):
         return (ids, mask, torch.arange(P, P + S).expand(B, S), past)  # positions [B, S]
     return (ids, mask, past)
@@ -63,7 +66,12 @@ def example_inputs(model: nn.Module, shape: CacheShape, dtype: torch.dtype) -> t
 
 def dynamic_shapes(shape: CacheShape, position_ids: bool) -> tuple:
     Dim = torch.export.Dim
-    batch, new, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence", min=0), Dim("total_sequence")
+    batch, new, past, total = (
+        Dim("batch"),
+        Dim("sequence"),
+        Dim("past_sequence", min=0),
+        Dim("total_sequence"),
+    )
     past_specs = [{0: batch, 2: past} for _ in range(2 * shape.num_layers)]
     rest = ({0: batch, 1: new}, past_specs) if position_ids else (past_specs,)
     return ({0: batch, 1: new}, {0: batch, 1: total}, rest)  # as FlatKVDecoder.forward takes them
@@ -74,25 +82,38 @@ def rename_io(path: Path, out: Path, shape: CacheShape, position_ids: bool) -> N
     import onnx_ir as ir
 
     graph_model = ir.load(str(path))
-    for names, values in ((input_names(shape, position_ids), graph_model.graph.inputs),
-                          (output_names(shape), graph_model.graph.outputs)):
+    for names, values in (
+        (input_names(shape, position_ids), graph_model.graph.inputs),
+        (output_names(shape), graph_model.graph.outputs),
+    ):
         if len(names) != len(values):  # a bug, not a user error
-            raise RuntimeError(f"exported graph has {len(values)} inputs/outputs where {len(names)} were expected")
+            raise RuntimeError(
+                f"exported graph has {len(values)} inputs/outputs where {len(names)} were expected"
+            )
         for value, name in zip(values, names, strict=True):
             value.name = name
     ir.save(graph_model, str(out), external_data=DATA_FILE)
 
 
-def export_own(model: nn.Module, shape: CacheShape, out_dir: Path, *, precision: str, provider: str,
-               tokenizer_dir: Path, force: bool) -> Path:
+def export_own(
+    model: nn.Module,
+    shape: CacheShape,
+    out_dir: Path,
+    *,
+    precision: str,
+    provider: str,
+    tokenizer_dir: Path,
+    force: bool,
+) -> Path:
     """Write `model` (eval mode, checked by `own_route_refusal`) as a GenAI folder at `out_dir`."""
     from moeify.genai.skeleton import copy_tokenizer
     from moeify.lowering.export import export_onnx
 
     if precision not in OWN_PRECISIONS:
         raise MoeifyError(
-            f"--genai: {type(model).__name__} goes through moeify's own KV-cache export (ONNX Runtime GenAI's "
-            f"builder does not know it), which writes fp32/fp16 only, not {precision}; use --precision fp32"
+            f"--genai: {type(model).__name__} goes through moeify's own KV-cache export (ONNX Runtime "
+            f"GenAI's builder does not know it), which writes fp32/fp16 only, not {precision}; use "
+            "--precision fp32"
         )
     dtype = OWN_PRECISIONS[precision]
     position_ids = takes_position_ids(model)
@@ -105,9 +126,18 @@ def export_own(model: nn.Module, shape: CacheShape, out_dir: Path, *, precision:
             )
         with tempfile.TemporaryDirectory(prefix="moeify-genai-") as scratch:
             traced = Path(scratch) / MODEL_FILE
-            export_onnx(wrapper, example_inputs(model, shape, dtype), traced, dtype=dtype,
-                        dynamic_shapes=dynamic_shapes(shape, position_ids))
+            with warnings.catch_warnings():  # torch.export names each shared dynamic axis once: fine here
+                warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+                export_onnx(
+                    wrapper,
+                    example_inputs(model, shape, dtype),
+                    traced,
+                    dtype=dtype,
+                    dynamic_shapes=dynamic_shapes(shape, position_ids),
+                )
             rename_io(traced, tmp / MODEL_FILE, shape, position_ids)
-        config = decoder_config(model, shape, position_ids=position_ids, filename=MODEL_FILE, provider=provider)
+        config = decoder_config(
+            model, shape, position_ids=position_ids, filename=MODEL_FILE, provider=provider
+        )
         (tmp / "genai_config.json").write_text(json.dumps(config, indent=4))
     return Path(out_dir)

@@ -6,20 +6,23 @@
 - "own": moeify's export with explicit past/present KV (moeify.genai.own_route): any transformers causal LM
   whose forward takes a DynamicCache of full-attention layers; fp32/fp16.
 
-"auto" takes the builder where it can and the own route elsewhere; a model neither takes gets one line
-with both reasons.
+"auto" takes the builder route where it can (a known architecture whose every MoE layer surgery can place)
+and the own route elsewhere; a model neither takes gets one line with both reasons.
 """
 
 from __future__ import annotations
+
+import logging
 
 from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.genai.kv_cache import CacheShape
 from moeify.genai.own_route import own_route_refusal
-from moeify.genai.skeleton import builder_refusal
+from moeify.genai.skeleton import BUILDER_ARCHITECTURES, builder_refusal
 
 ROUTES = ("auto", "builder", "own")
+log = logging.getLogger(__name__)
 
 
 def choose_route(model: nn.Module, route: str = "auto") -> tuple[str, CacheShape | None]:
@@ -27,7 +30,14 @@ def choose_route(model: nn.Module, route: str = "auto") -> tuple[str, CacheShape
     neither (or the asked route) takes it."""
     if route not in ROUTES:
         raise MoeifyError(f"unknown GenAI route {route!r}; valid: {', '.join(ROUTES)}")
+    from moeify.layer import MoELayer
+
     name = type(model).__name__
+    if not any(isinstance(m, MoELayer) for m in model.modules()):
+        raise MoeifyError(
+            f"{name} has no MoE layer; convert it first (moeify convert), or use the onnxruntime_genai "
+            "builder on the dense model directly"
+        )
     builder_why = builder_refusal(model) if route != "own" else None
     if route == "builder" and builder_why is not None:
         raise MoeifyError(f"--genai: {builder_why}")
@@ -35,6 +45,12 @@ def choose_route(model: nn.Module, route: str = "auto") -> tuple[str, CacheShape
         return "builder", None
     shape, own_why = own_route_refusal(model)
     if shape is not None:
+        if route == "auto" and name in BUILDER_ARCHITECTURES:
+            log.info(
+                "--genai: the builder route cannot take this %s (%s): moeify's own KV-cache export",
+                name,
+                builder_why,
+            )
         return "own", shape
     if route == "own":
         raise MoeifyError(f"--genai: moeify's own KV-cache export cannot take {name}: {own_why}")

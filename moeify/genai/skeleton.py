@@ -69,6 +69,21 @@ def builder_refusal(model: nn.Module) -> str | None:
         return f"the builder route covers {', '.join(BUILDER_ARCHITECTURES)}, not {name}"
     if getattr(config, "mlp_bias", False):
         return "this model's MLPs have biases, which the builder's LLaMA MLP lacks"
+    return surgery_refusal(model)
+
+
+def surgery_refusal(model: nn.Module) -> str | None:
+    """None when surgery can place every MoE layer of `model` (sites, one expert width, a router the op
+    expresses), else why not (their MoeifyError's line)."""
+    from moeify.genai.router_logits import router_logits
+
+    try:
+        sites = moe_sites(model)
+        expert_width(model, sites)
+        for site in sites:
+            router_logits(site.layer, model.config.vocab_size, site.path)
+    except MoeifyError as e:
+        return str(e).removeprefix("--genai: ")
     return None
 
 
