@@ -32,7 +32,7 @@ DATA_FILE = "model.onnx.data"
 EXAMPLE_B, EXAMPLE_S, EXAMPLE_P = 2, 3, 4  # none is 0 or 1: torch.export specialises those sizes
 
 
-def own_route_refusal(model: nn.Module) -> tuple[CacheShape | None, str | None]:
+def own_route_check(model: nn.Module) -> tuple[CacheShape | None, str | None]:
     """(the cache shape, None) when the own route takes `model`, else (None, why not)."""
     from moeify.layer import MoELayer
 
@@ -105,7 +105,7 @@ def export_own(
     tokenizer_dir: Path,
     force: bool,
 ) -> Path:
-    """Write `model` (eval mode, checked by `own_route_refusal`) as a GenAI folder at `out_dir`."""
+    """Write `model` (eval mode, checked by `own_route_check`) as a GenAI folder at `out_dir`."""
     from moeify.genai.skeleton import copy_tokenizer
     from moeify.lowering.export import export_onnx
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.genai.kv_cache import CacheShape
-from moeify.genai.own_route import own_route_refusal
+from moeify.genai.own_route import own_route_check
 from moeify.genai.skeleton import BUILDER_ARCHITECTURES, builder_refusal
 
 ROUTES = ("auto", "builder", "own")
@@ -43,7 +43,7 @@ def choose_route(model: nn.Module, route: str = "auto") -> tuple[str, CacheShape
         raise MoeifyError(f"--genai: {builder_why}")
     if route == "builder" or (route == "auto" and builder_why is None):
         return "builder", None
-    shape, own_why = own_route_refusal(model)
+    shape, own_why = own_route_check(model)
     if shape is not None:
         if route == "auto" and name in BUILDER_ARCHITECTURES:
             log.info(
