@@ -161,7 +161,8 @@ def test_models_neither_route_takes(tokenizer, tmp_path):
 
 
 def other_decoder(kind: str):
-    """(dense model, its converted and trained MoE) of a Falcon (multi-query attention: one KV head, rotary,
+    """(dense model, its converted and trained MoE) of a GPT-2 with hash routing (token ids reach the
+    routers through the wrapper), a Falcon (multi-query attention: one KV head, rotary,
     GELU FFN) or a LLaMA (grouped-query attention, SwiGLU FFN) whose top-k does not renormalise, which the
     builder route's surgery refuses, so `route="auto"` takes the own route."""
     import transformers as T
@@ -179,6 +180,9 @@ def other_decoder(kind: str):
             )
         ).eval()
         moe = moeify.convert(dense, experts=4, k=2, init="copy")
+    elif kind == "gpt2_hash":
+        dense = tiny_gpt2()
+        moe = moeify.convert(dense, experts=4, k=2, init="copy", router="hash")
     else:
         from moeify.zoo import tiny_llama
 
@@ -188,7 +192,7 @@ def other_decoder(kind: str):
     return dense, moe
 
 
-@pytest.mark.parametrize("kind, kv_heads", [("falcon", 1), ("llama", 2)])
+@pytest.mark.parametrize("kind, kv_heads", [("gpt2_hash", 4), ("falcon", 1), ("llama", 2)])
 def test_other_decoders_generate_like_transformers(kind, kv_heads, tokenizer, tmp_path):
     import onnx
 
