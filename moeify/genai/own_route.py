@@ -128,6 +128,8 @@ def export_own(
             traced = Path(scratch) / MODEL_FILE
             with warnings.catch_warnings():  # torch.export names each shared dynamic axis once: fine here
                 warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+                # token-id hooks keep input_ids on the wrapped model (export_onnx hides this for a bare one)
+                warnings.filterwarnings("ignore", message=r"The tensor attribute self\.model\._moeify")
                 export_onnx(
                     wrapper,
                     example_inputs(model, shape, dtype),
