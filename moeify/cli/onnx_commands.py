@@ -174,6 +174,11 @@ def _session(model: str, threads: int | None, provider: str | None):
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="With --genai: the folder with the "
               "tokenizer files (default: MODEL when it has them).")
 @click.option("--force", is_flag=True, help="With --genai: replace an existing output folder.")
+@click.option("--genai-route", type=click.Choice(["auto", "builder", "own"]), default="auto",
+              show_default=True,
+              help="With --genai: builder (ONNX Runtime GenAI's builder + MoE surgery: LLaMA, Mistral, "
+                   "Qwen2, Qwen3), own (moeify's export with explicit KV: other causal LMs), auto (builder "
+                   "where it can).")
 @examples("""
 moeify export tiny_llama-moe8 -o tiny_llama-moe8.onnx
 moeify export moe -o moe-genai --genai --precision int4 --tokenizer HF_DIR
@@ -182,14 +187,15 @@ moeify export mypkg.models:build -o model.onnx --input-spec x:2x16x512
 """)
 def export_command(model: str, output: str, target: str, input_specs: tuple[str, ...], fp16: bool,
                    static: bool, arch: str | None, trust_pickle: bool, genai: bool, precision: str,
-                   provider: str, tokenizer: str | None, force: bool) -> None:
+                   provider: str, tokenizer: str | None, force: bool, genai_route: str) -> None:
     """Export MODEL to ONNX: module:callable, a Hugging Face folder, a moeify folder or a weights file."""
     import torch
 
     if genai:
         from moeify.cli.genai_export import export_genai_command
 
-        return export_genai_command(model, output, precision, provider, tokenizer, arch, trust_pickle, force)
+        return export_genai_command(model, output, precision, provider, tokenizer, arch, trust_pickle, force,
+                                    genai_route)
 
     from moeify.lowering.export import export_onnx
 

@@ -1,6 +1,9 @@
 """`export_genai`: a converted decoder as an ONNX Runtime GenAI folder (model.onnx + external data,
 genai_config.json, tokenizer files) that `onnxruntime_genai.Model(dir)` loads and generates with.
 
+Two routes (moeify.genai.routes): the builder route, and for decoders the builder does not know, moeify's
+own export with explicit past/present KV (moeify.genai.own_route).
+
 The builder route: write the dense-equivalent skeleton (moeify.genai.skeleton), let ONNX Runtime GenAI's
 builder make its fast dense graph with the KV cache (moeify.genai.builder), then replace each MLP by the
 router and MoE/QMoE (moeify.genai.surgery). Everything happens in a temporary folder next to `out_dir`,
@@ -19,8 +22,10 @@ from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.genai.builder import check_target, require_genai, run_builder
+from moeify.genai.own_route import export_own
 from moeify.genai.router_logits import router_logits
-from moeify.genai.skeleton import check_architecture, moe_sites, write_skeleton
+from moeify.genai.routes import choose_route
+from moeify.genai.skeleton import moe_sites, write_skeleton
 from moeify.genai.surgery import ExpertLayer, replace_mlps
 from moeify.io.atomic import atomic_output, check_destination
 
@@ -51,21 +56,23 @@ def export_genai(
     provider: str = "cpu",
     tokenizer_dir=None,
     force: bool = False,
+    route: str = "auto",
 ) -> Path:
-    """Write `model` (a converted LLaMA/Mistral/Qwen2/Qwen3 causal LM) as a GenAI folder at `out_dir`.
+    """Write `model` (a converted transformers causal LM) as a GenAI folder at `out_dir`.
 
     Args:
-        precision: fp32 | fp16 (CUDA only) | int8 | int4; the dense parts follow the builder at that
-            precision, the experts are MoE (fp32/fp16) or block-quantised QMoE (int8/int4).
+        precision: fp32 | fp16 (CUDA only) | int8 | int4; builder route: the dense parts follow the builder
+            at that precision, the experts are MoE (fp32/fp16) or block-quantised QMoE (int8/int4). The
+            own route writes fp32/fp16 only.
         provider: cpu | cuda, the execution provider the folder is built for.
         tokenizer_dir: the folder holding the source model's tokenizer files (required).
         force: replace an existing `out_dir` that moeify wrote.
+        route: auto (the builder where it knows the architecture, else the own route) | builder | own
+            (see moeify.genai.routes).
 
     Raises MoeifyError (one line) for a model, router or option this route cannot take.
     """
     check_target(precision, provider)
-    require_genai()
-    check_architecture(model)
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         raise MoeifyError(
             f"--genai needs the source model's tokenizer folder, got {tokenizer_dir!r}; pass "
@@ -74,6 +81,11 @@ def export_genai(
     out = Path(out_dir)
     check_destination(out, force)  # before the slow part
     with _eval_mode(model):
+        chosen, shape = choose_route(model, route)
+        if chosen == "own":
+            return export_own(model, shape, out, precision=precision, provider=provider,
+                              tokenizer_dir=Path(tokenizer_dir), force=force)
+        require_genai()
         sites = moe_sites(model)
         expert_layers(model, sites)  # refusals happen here, before the slow builder
         with tempfile.TemporaryDirectory(prefix="moeify-genai-") as scratch:

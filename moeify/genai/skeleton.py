@@ -59,24 +59,40 @@ def moe_sites(model: nn.Module) -> list[MoESite]:
     return sites
 
 
-def check_architecture(model: nn.Module) -> str:
-    """The HF class name of a decoder the builder route takes; a one-line MoeifyError saying why not."""
+def builder_refusal(model: nn.Module) -> str | None:
+    """None when the builder route takes `model`, else why not (one line)."""
     config = getattr(model, "config", None)
     name = type(model).__name__
     if config is None or not hasattr(config, "to_dict"):
-        raise MoeifyError(
-            f"--genai exports Hugging Face decoders; {name} is not one (the builder route needs "
-            f"a transformers config): supported: {', '.join(BUILDER_ARCHITECTURES)}"
-        )
+        return f"{name} has no transformers config"
     if name not in BUILDER_ARCHITECTURES:
-        raise MoeifyError(
-            f"--genai: ONNX Runtime GenAI's builder route covers {', '.join(BUILDER_ARCHITECTURES)}"
-            f"; {name} is not one of them (an export with moeify's own KV cache is not "
-            "written yet)"
-        )
+        return f"the builder route covers {', '.join(BUILDER_ARCHITECTURES)}, not {name}"
     if getattr(config, "mlp_bias", False):
-        raise MoeifyError("--genai: this model's MLPs have biases, which the builder's LLaMA MLP lacks")
-    return name
+        return "this model's MLPs have biases, which the builder's LLaMA MLP lacks"
+    return surgery_refusal(model)
+
+
+def surgery_refusal(model: nn.Module) -> str | None:
+    """None when surgery can place every MoE layer of `model` (sites, one expert width, a router the op
+    expresses), else why not (their MoeifyError's line)."""
+    from moeify.genai.router_logits import router_logits
+
+    try:
+        sites = moe_sites(model)
+        expert_width(model, sites)
+        for site in sites:
+            router_logits(site.layer, model.config.vocab_size, site.path)
+    except MoeifyError as e:
+        return str(e).removeprefix("--genai: ")
+    return None
+
+
+def check_architecture(model: nn.Module) -> str:
+    """The HF class name of a decoder the builder route takes; a one-line MoeifyError saying why not."""
+    why = builder_refusal(model)
+    if why is not None:
+        raise MoeifyError(f"--genai: {why}")
+    return type(model).__name__
 
 
 def dense_state(model: nn.Module, sites: list[MoESite]) -> dict[str, torch.Tensor]:

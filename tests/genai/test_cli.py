@@ -74,3 +74,25 @@ def test_bench_a_genai_folder(run, tmp_path):
     assert result.exit_code == 1 and "one sequence at a time" in result.output
     result = run("bench", dense)
     assert result.exit_code == 1 and "without genai_config.json" in result.output
+
+
+def test_gpt2_folder_through_the_own_route(run, tmp_path):
+    """A GPT-2 (which the builder does not know): convert, export --genai (auto picks the own route),
+    generate; the builder route asked for by name and int4 on the own route are refused in one line."""
+    from tests.genai.test_own_route import tiny_gpt2
+    from tests.genai.tiny import save_byte_tokenizer
+
+    tiny_gpt2().save_pretrained(str(tmp_path / "hf"))
+    save_byte_tokenizer(tmp_path / "hf")
+    assert run("convert", tmp_path / "hf", "--experts", "4", "--k", "1", "-o", "moe").exit_code == 0
+    result = run("export", "moe", "-o", "g", "--genai", "--genai-route", "builder")
+    assert result.exit_code == 1 and "builder route covers" in result.output
+    assert "GPT2LMHeadModel" in result.output
+    result = run("export", "moe", "-o", "g", "--genai", "--precision", "int4")
+    assert result.exit_code == 1 and "writes fp32/fp16 only, not int4" in result.output
+    result = run("export", "moe", "-o", "g", "--genai")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "g" / "genai_config.json").read_text())["model"]["type"] == "decoder"
+    result = run("generate", "g", "--prompt", "def main():", "--max-new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("def main():") and "tok/s" in result.output

@@ -158,8 +158,8 @@ def test_int8_experts_stay_close_to_fp32(dense, built, tmp_path):
 def test_unnormalised_top_k_is_refused(dense, tmp_path):
     model, folder = dense
     moe = moeify.convert(model, experts=4, k=2, init="copy", layer={"normalize": False})
-    with pytest.raises(MoeifyError, match="does not renormalise"):
-        export_genai(moe, tmp_path / "g", tokenizer_dir=folder)
+    with pytest.raises(MoeifyError, match="does not renormalise"):  # auto: the own route takes it
+        export_genai(moe, tmp_path / "g", tokenizer_dir=folder, route="builder")
 
 
 def test_random_router_averaging_all_experts_is_refused(dense, tmp_path):
@@ -168,7 +168,7 @@ def test_random_router_averaging_all_experts_is_refused(dense, tmp_path):
         model, experts=4, k=2, init="copy", router="random", layer={"random_eval_rule": "mean"}
     )
     with pytest.raises(MoeifyError, match="has no com.microsoft.MoE lowering"):
-        export_genai(moe, tmp_path / "g", tokenizer_dir=folder)
+        export_genai(moe, tmp_path / "g", tokenizer_dir=folder, route="builder")
 
 
 def test_router_that_mixes_tokens_is_refused():
@@ -194,8 +194,8 @@ def test_architecture_the_builder_does_not_know_is_refused(tmp_path):
     from tests.zoo import ZOO
 
     moe = moeify.convert(ZOO["gpt2"].build(), experts=4, k=1, init="copy")
-    with pytest.raises(MoeifyError, match="GPT2LMHeadModel is not one of them"):
-        export_genai(moe, tmp_path / "g", tokenizer_dir=tmp_path)
+    with pytest.raises(MoeifyError, match="builder route covers .*, not GPT2LMHeadModel"):
+        export_genai(moe, tmp_path / "g", tokenizer_dir=tmp_path, route="builder")
 
 
 def test_fp16_on_cpu_and_missing_tokenizer_are_refused(dense, tmp_path):
