@@ -35,6 +35,7 @@ def export_genai_command(
     arch: str | None,
     trust_pickle: bool,
     force: bool,
+    experts_op: str = "auto",
 ) -> None:
     from moeify.cli.onnx_commands import load_model_ref
     from moeify.genai import export_genai
@@ -43,7 +44,13 @@ def export_genai_command(
     module, _ = load_model_ref(model, arch=arch, trust_pickle=trust_pickle)
     with err_console().status(f"exporting {model} for ONNX Runtime GenAI ({precision}, {provider}) ..."):
         out = export_genai(
-            module, output, precision=precision, provider=provider, tokenizer_dir=tokenizer_dir, force=force
+            module,
+            output,
+            precision=precision,
+            provider=provider,
+            tokenizer_dir=tokenizer_dir,
+            experts_op=experts_op,
+            force=force,
         )
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1024**2
     out_console().print(

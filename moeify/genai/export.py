@@ -21,7 +21,7 @@ from moeify.errors import MoeifyError
 from moeify.genai.builder import check_target, require_genai, run_builder
 from moeify.genai.router_logits import router_logits
 from moeify.genai.skeleton import check_architecture, moe_sites, write_skeleton
-from moeify.genai.surgery import ExpertLayer, replace_mlps
+from moeify.genai.surgery import ExpertLayer, replace_mlps, resolve_experts_op
 from moeify.io.atomic import atomic_output, check_destination
 
 MODEL_FILE = "model.onnx"
@@ -50,6 +50,7 @@ def export_genai(
     precision: str = "fp32",
     provider: str = "cpu",
     tokenizer_dir=None,
+    experts_op: str = "auto",
     force: bool = False,
 ) -> Path:
     """Write `model` (a converted LLaMA/Mistral/Qwen2/Qwen3 causal LM) as a GenAI folder at `out_dir`.
@@ -59,11 +60,14 @@ def export_genai(
             precision, the experts are MoE (fp32/fp16) or block-quantised QMoE (int8/int4).
         provider: cpu | cuda, the execution provider the folder is built for.
         tokenizer_dir: the folder holding the source model's tokenizer files (required).
+        experts_op: "fused" (com.microsoft.MoE / QMoE), "loop" (a dense MLP per expert over its tokens:
+            MatMul / MatMulNBits, moeify.genai.expert_loop) or "auto" (loop at int4/int8, fused otherwise).
         force: replace an existing `out_dir` that moeify wrote.
 
     Raises MoeifyError (one line) for a model, router or option this route cannot take.
     """
     check_target(precision, provider)
+    resolve_experts_op(experts_op, precision)  # a typo fails before the slow part
     require_genai()
     check_architecture(model)
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
@@ -80,11 +84,13 @@ def export_genai(
             scratch = Path(scratch)
             write_skeleton(model, sites, scratch / "hf", Path(tokenizer_dir))
             run_builder(scratch / "hf", scratch / "built", precision, provider, scratch / "cache")
-            return moe_folder_from_dense(model, scratch / "built", out, precision=precision, force=force)
+            return moe_folder_from_dense(
+                model, scratch / "built", out, precision=precision, experts_op=experts_op, force=force
+            )
 
 
 def moe_folder_from_dense(
-    model: nn.Module, dense_dir, out_dir, *, precision: str, force: bool = False
+    model: nn.Module, dense_dir, out_dir, *, precision: str, experts_op: str = "auto", force: bool = False
 ) -> Path:
     """The MoE GenAI folder of `model` from `dense_dir`, the builder's folder for its dense skeleton (or for
     any model with the same non-MLP weights and shapes) at `precision`."""
@@ -93,7 +99,7 @@ def moe_folder_from_dense(
         layers = expert_layers(model, moe_sites(model))
         with atomic_output(out, directory=True, force=force) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
-            graph = replace_mlps(onnx.load(str(Path(dense_dir) / MODEL_FILE)), layers, precision)
+            graph = replace_mlps(onnx.load(str(Path(dense_dir) / MODEL_FILE)), layers, precision, experts_op)
             onnx.save(
                 graph,
                 str(tmp / MODEL_FILE),
