@@ -6,8 +6,9 @@
 
 For fp32 and int4: the builder's dense folder, then the MoE folders made from it (`moe_folder_from_dense`:
 experts copied from the dense MLP, so the skeleton *is* the dense model and one builder run per precision
-serves all three). Per folder: prefill ms of the prompt (median of --repeats), decode tok/s of --new greedy
-tokens (median), greedy agreement with the fp32 dense tokens (fraction of positions equal), folder size.
+serves them all), each with the experts fused (com.microsoft.MoE / QMoE) and as a loop of dense MLPs
+(moeify.genai.expert_loop). Per folder: prefill ms of the prompt (median of --repeats), decode tok/s of --new
+greedy tokens (median), greedy agreement with the fp32 dense tokens (fraction of positions equal), folder size.
 Random weights from a config, a byte-level tokenizer; nothing is downloaded.
 """
 
@@ -75,6 +76,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="new tokens per decode run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--experts-op", nargs="+", default=["fused", "loop"], choices=["fused", "loop"],
+                        help="the expert lowerings to measure: com.microsoft.MoE/QMoE (fused) and/or one dense "
+                        "MLP per expert over its tokens (loop)")
     args = parser.parse_args()
     if args.quick:
         args.d_model, args.layers, args.prompt, args.new, args.repeats = 64, 2, 16, 8, 1
@@ -100,9 +104,11 @@ def main() -> None:
             run_builder(scratch / "hf", dense_dir, precision, "cpu", scratch / "cache")
             folders = {"dense": dense_dir}
             for k, moe in moes.items():
-                folders[f"E={args.experts} k={k}"] = moe_folder_from_dense(
-                    moe, dense_dir, scratch / f"moe-k{k}-{precision}", precision=precision
-                )
+                for op in args.experts_op:
+                    folders[f"E={args.experts} k={k} {op}"] = moe_folder_from_dense(
+                        moe, dense_dir, scratch / f"moe-k{k}-{op}-{precision}", precision=precision,
+                        experts_op=op,
+                    )
             for name, folder in folders.items():
                 console.print(f"measuring {name} {precision} ...")
                 rows.append((name, precision, measure(folder, prompt, args.new, args.repeats)))

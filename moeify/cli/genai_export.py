@@ -36,6 +36,7 @@ def export_genai_command(
     trust_pickle: bool,
     force: bool,
     route: str = "auto",
+    experts_op: str = "auto",
 ) -> None:
     from moeify.cli.onnx_commands import load_model_ref
     from moeify.genai import export_genai
@@ -44,7 +45,13 @@ def export_genai_command(
     module, _ = load_model_ref(model, arch=arch, trust_pickle=trust_pickle)
     with err_console().status(f"exporting {model} for ONNX Runtime GenAI ({precision}, {provider}) ..."):
         out = export_genai(
-            module, output, precision=precision, provider=provider, tokenizer_dir=tokenizer_dir, force=force,
+            module,
+            output,
+            precision=precision,
+            provider=provider,
+            tokenizer_dir=tokenizer_dir,
+            experts_op=experts_op,
+            force=force,
             route=route,
         )
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1024**2

@@ -173,6 +173,9 @@ def _session(model: str, threads: int | None, provider: str | None):
               help="With --genai: the execution provider to build for.")
 @click.option("--tokenizer", type=click.Path(file_okay=False), help="With --genai: the folder with the "
               "tokenizer files (default: MODEL when it has them).")
+@click.option("--genai-experts", type=click.Choice(["auto", "fused", "loop"]), default="auto", show_default=True,
+              help="With --genai: experts as com.microsoft.MoE/QMoE (fused) or as one dense MLP per expert "
+                   "over its tokens (loop); auto: loop at int4/int8, fused at fp32/fp16.")
 @click.option("--force", is_flag=True, help="With --genai: replace an existing output folder.")
 @click.option("--genai-route", type=click.Choice(["auto", "builder", "own"]), default="auto",
               show_default=True,
@@ -187,7 +190,8 @@ moeify export mypkg.models:build -o model.onnx --input-spec x:2x16x512
 """)
 def export_command(model: str, output: str, target: str, input_specs: tuple[str, ...], fp16: bool,
                    static: bool, arch: str | None, trust_pickle: bool, genai: bool, precision: str,
-                   provider: str, tokenizer: str | None, force: bool, genai_route: str) -> None:
+                   provider: str, tokenizer: str | None, genai_experts: str, force: bool,
+                   genai_route: str) -> None:
     """Export MODEL to ONNX: module:callable, a Hugging Face folder, a moeify folder or a weights file."""
     import torch
 
@@ -195,7 +199,7 @@ def export_command(model: str, output: str, target: str, input_specs: tuple[str,
         from moeify.cli.genai_export import export_genai_command
 
         return export_genai_command(model, output, precision, provider, tokenizer, arch, trust_pickle, force,
-                                    genai_route)
+                                    genai_route, experts_op=genai_experts)
 
     from moeify.lowering.export import export_onnx
 

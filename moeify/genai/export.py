@@ -26,7 +26,7 @@ from moeify.genai.own_route import export_own
 from moeify.genai.router_logits import router_logits
 from moeify.genai.routes import choose_route
 from moeify.genai.skeleton import moe_sites, write_skeleton
-from moeify.genai.surgery import ExpertLayer, replace_mlps
+from moeify.genai.surgery import ExpertLayer, replace_mlps, resolve_experts_op
 from moeify.io.atomic import atomic_output, check_destination
 
 MODEL_FILE = "model.onnx"
@@ -55,6 +55,7 @@ def export_genai(
     precision: str = "fp32",
     provider: str = "cpu",
     tokenizer_dir=None,
+    experts_op: str = "auto",
     force: bool = False,
     route: str = "auto",
 ) -> Path:
@@ -66,6 +67,8 @@ def export_genai(
             own route writes fp32/fp16 only.
         provider: cpu | cuda, the execution provider the folder is built for.
         tokenizer_dir: the folder holding the source model's tokenizer files (required).
+        experts_op: "fused" (com.microsoft.MoE / QMoE), "loop" (a dense MLP per expert over its tokens:
+            MatMul / MatMulNBits, moeify.genai.expert_loop) or "auto" (loop at int4/int8, fused otherwise).
         force: replace an existing `out_dir` that moeify wrote.
         route: auto (the builder where it knows the architecture, else the own route) | builder | own
             (see moeify.genai.routes).
@@ -73,6 +76,7 @@ def export_genai(
     Raises MoeifyError (one line) for a model, router or option this route cannot take.
     """
     check_target(precision, provider)
+    resolve_experts_op(experts_op, precision)  # a typo fails before the slow part
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         raise MoeifyError(
             f"--genai needs the source model's tokenizer folder, got {tokenizer_dir!r}; pass "
@@ -92,11 +96,13 @@ def export_genai(
             scratch = Path(scratch)
             write_skeleton(model, sites, scratch / "hf", Path(tokenizer_dir))
             run_builder(scratch / "hf", scratch / "built", precision, provider, scratch / "cache")
-            return moe_folder_from_dense(model, scratch / "built", out, precision=precision, force=force)
+            return moe_folder_from_dense(
+                model, scratch / "built", out, precision=precision, experts_op=experts_op, force=force
+            )
 
 
 def moe_folder_from_dense(
-    model: nn.Module, dense_dir, out_dir, *, precision: str, force: bool = False
+    model: nn.Module, dense_dir, out_dir, *, precision: str, experts_op: str = "auto", force: bool = False
 ) -> Path:
     """The MoE GenAI folder of `model` from `dense_dir`, the builder's folder for its dense skeleton (or for
     any model with the same non-MLP weights and shapes) at `precision`."""
@@ -105,7 +111,7 @@ def moe_folder_from_dense(
         layers = expert_layers(model, moe_sites(model))
         with atomic_output(out, directory=True, force=force) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
-            graph = replace_mlps(onnx.load(str(Path(dense_dir) / MODEL_FILE)), layers, precision)
+            graph = replace_mlps(onnx.load(str(Path(dense_dir) / MODEL_FILE)), layers, precision, experts_op)
             onnx.save(
                 graph,
                 str(tmp / MODEL_FILE),

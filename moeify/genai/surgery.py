@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moeify.errors import MoeifyError
+from moeify.genai.expert_loop import loop_expert_nodes
 from moeify.genai.quantize import BITS, block_size_for, quantize
 from moeify.genai.router_logits import RouterLogits
 
@@ -105,8 +106,29 @@ class Graph:
         return name
 
 
-def replace_mlps(model: onnx.ModelProto, layers: list[ExpertLayer], precision: str) -> onnx.ModelProto:
-    """Replace the MLP of each of `layers` in the builder's `model` (in place); returns it."""
+EXPERT_OPS = ("auto", "fused", "loop")
+
+
+def resolve_experts_op(experts_op: str, precision: str) -> str:
+    """"auto" -> "loop" at int4/int8 (QMoE's CPU kernel decodes at ~0.4x the builder's int4 dense model,
+    loop experts near it) and "fused" at fp32/fp16 (MoE decodes faster than the loop on small models);
+    measured in benchmarks/genai.py."""
+    if experts_op not in EXPERT_OPS:
+        raise MoeifyError(f"--genai: experts must be one of {', '.join(EXPERT_OPS)}, got {experts_op!r}")
+    if experts_op == "auto":
+        return "loop" if precision in BITS else "fused"
+    return experts_op
+
+
+def replace_mlps(
+    model: onnx.ModelProto, layers: list[ExpertLayer], precision: str, experts_op: str = "auto"
+) -> onnx.ModelProto:
+    """Replace the MLP of each of `layers` in the builder's `model` (in place); returns it.
+
+    experts_op: "loop" (one dense MLP per expert over its tokens, moeify.genai.expert_loop), "fused"
+    (`com.microsoft.MoE` / `QMoE`) or "auto" (`resolve_experts_op`).
+    """
+    experts_op = resolve_experts_op(experts_op, precision)
     g = Graph(model)
     for layer in layers:
         nodes = g.mlp_nodes(layer.index)
@@ -115,13 +137,27 @@ def replace_mlps(model: onnx.ModelProto, layers: list[ExpertLayer], precision: s
         x, out = g.boundary(nodes, layer.index)
         dtype = helper.tensor_dtype_to_np_dtype(g.elem_type(x))
         insert_at = min(i for i, n in enumerate(g.graph.node) if n.name in {m.name for m in nodes})
+        accuracy_level = _accuracy_level(nodes)
         g.remove(nodes)
-        new = _router_nodes(g, layer, x, dtype) + [_experts_node(g, layer, x, out, dtype, precision)]
+        if experts_op == "loop":
+            experts = loop_expert_nodes(g, layer, x, out, dtype, precision, accuracy_level)
+        else:
+            experts = [_experts_node(g, layer, x, out, dtype, precision)]
+        new = _router_nodes(g, layer, x, dtype) + experts
         for offset, node in enumerate(new):
             g.graph.node.insert(insert_at + offset, node)
     if not any(op.domain == MS for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     return model
+
+
+def _accuracy_level(nodes: list[onnx.NodeProto]) -> int:
+    """The builder's MatMulNBits accuracy level in the dense MLP (4, int8 compute, on CPU); 0 when none."""
+    for node in nodes:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                return attr.i
+    return 0
 
 
 def _router_nodes(g: Graph, layer: ExpertLayer, x: str, dtype) -> list[onnx.NodeProto]:

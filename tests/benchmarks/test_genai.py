@@ -15,5 +15,5 @@ def test_genai_benchmark_quick_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "genai.py"), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
-    for row in ("dense", "E=8 k=1", "E=8 k=2", "fp32", "int4", "prefill ms", "decode tok/s", "greedy = fp32"):
+    for row in ("dense", "E=8 k=1 fused", "E=8 k=1 loop", "E=8 k=2 loop", "fp32", "int4", "prefill ms", "decode tok/s", "greedy = fp32"):
         assert row in proc.stdout

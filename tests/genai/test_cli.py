@@ -18,7 +18,7 @@ def test_export_int4_then_generate(run, tmp_path):
     result = run("export", tmp_path / "moe", "-o", tmp_path / "genai", "--genai", "--precision", "int4")
     assert result.exit_code == 1 and "pass --tokenizer DIR" in result.output  # a moeify folder has none
     result = run("export", tmp_path / "moe", "-o", tmp_path / "genai", "--genai", "--precision", "int4",
-                 "--tokenizer", dense)
+                 "--tokenizer", dense, "--genai-experts", "fused")
     assert result.exit_code == 0, result.output
     graph = onnx.load(str(tmp_path / "genai" / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
@@ -47,7 +47,8 @@ def test_done_when_commands_as_written(run, tmp_path):
     assert (tmp_path / "moe-genai" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json"
                                                                         ).read_bytes()
     graph = onnx.load(str(tmp_path / "moe-genai" / "model.onnx"), load_external_data=False).graph
-    assert [n.op_type for n in graph.node].count("QMoE") == 4
+    ops = [n.op_type for n in graph.node]  # int4 default: loop experts, 8 per layer, 2 MatMulNBits each
+    assert "QMoE" not in ops and sum(n.name.endswith("/fc1") for n in graph.node) == 4 * 8
     result = run("generate", "moe-genai", "--prompt", "def main():")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("def main():") and "tok/s" in result.output

@@ -74,21 +74,22 @@ def test_export_genai_generates_like_transformers_grouped_query_attention(dense,
     assert want == transformers_greedy(model, prompt, TOTAL)  # copied experts: the dense model's tokens
 
 
+@pytest.mark.parametrize("experts_op", ["fused", "loop"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_copied_experts_generate_the_dense_tokens(dense, built, tmp_path, k):
+def test_copied_experts_generate_the_dense_tokens(dense, built, tmp_path, k, experts_op):
     model, _ = dense
     moe = moeify.convert(model, experts=4, k=k, init="copy")
-    out = moe_folder_from_dense(moe, built, tmp_path / "genai", precision="fp32")
+    out = moe_folder_from_dense(moe, built, tmp_path / "genai", precision="fp32", experts_op=experts_op)
     prompt = prompt_ids(seed=k)
     assert genai_greedy(out, prompt, TOTAL) == transformers_greedy(model, prompt, TOTAL)
 
 
-@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
-def test_trained_router_generates_like_transformers(dense, built, tmp_path, score_fn):
+@pytest.mark.parametrize("score_fn,experts_op", [("softmax", "fused"), ("sigmoid", "fused"), ("sigmoid", "loop")])
+def test_trained_router_generates_like_transformers(dense, built, tmp_path, score_fn, experts_op):
     model, _ = dense
     moe = moeify.convert(model, experts=4, k=2, init="copy", layer={"score_fn": score_fn})
     train_a_few_steps(moe)
-    out = moe_folder_from_dense(moe, built, tmp_path / "genai", precision="fp32")
+    out = moe_folder_from_dense(moe, built, tmp_path / "genai", precision="fp32", experts_op=experts_op)
     prompt = prompt_ids(seed=3)
     want = transformers_greedy(moe, prompt, TOTAL)
     assert want != transformers_greedy(model, prompt, TOTAL)  # training changed the model's tokens
@@ -112,11 +113,12 @@ def test_every_other_layer_keeps_its_dense_mlp(dense, built, tmp_path):
     assert genai_greedy(out, prompt, TOTAL) == want
 
 
-def test_hash_router_generates_like_transformers(dense, built, tmp_path):
+@pytest.mark.parametrize("experts_op", ["fused", "loop"])
+def test_hash_router_generates_like_transformers(dense, built, tmp_path, experts_op):
     model, _ = dense
     moe = moeify.convert(model, experts=4, k=2, init="copy", router="hash")
     train_a_few_steps(moe)  # the experts differ, so a wrong table would change tokens
-    out = moe_folder_from_dense(moe, built, tmp_path / "genai", precision="fp32")
+    out = moe_folder_from_dense(moe, built, tmp_path / "genai", precision="fp32", experts_op=experts_op)
     import onnx
 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
@@ -131,25 +133,29 @@ def test_hash_router_generates_like_transformers(dense, built, tmp_path):
 
 
 def test_int8_experts_stay_close_to_fp32(dense, built, tmp_path):
-    """QMoE int8 experts in the fp32 builder graph: the first step's logits stay within 5% (of the logits'
-    range) of the fp32 MoE folder's; the op-level parity test holds the layout tightly."""
+    """int8 experts (loop: MatMulNBits) in the fp32 builder graph: the first step's logits stay within 5% (of
+    the logits' range) of the fp32 MoE folder's; int4 loop and int4 QMoE within 25%; the op-level parity
+    tests (test_quantize, test_expert_loop) hold the layouts tightly."""
     import onnxruntime_genai as og
 
     model, _ = dense
     moe = moeify.convert(model, experts=4, k=2, init="copy")
     train_a_few_steps(moe)
     logits = {}
-    for precision in ("fp32", "int8", "int4"):
-        out = moe_folder_from_dense(moe, built, tmp_path / precision, precision=precision)
+    for name in ("fp32", "int8", "int4", "int4 fused"):
+        precision, _, op = name.partition(" ")
+        out = moe_folder_from_dense(moe, built, tmp_path / name.replace(" ", "-"), precision=precision,
+                                    experts_op=op or "auto")
         gen_model = og.Model(str(out))
         params = og.GeneratorParams(gen_model)
         generator = og.Generator(gen_model, params)
         generator.append_tokens(prompt_ids().numpy().astype(np.int32))
-        logits[precision] = np.asarray(generator.get_logits())[0, -1]  # [V]
+        logits[name] = np.asarray(generator.get_logits())[0, -1]  # [V]
     span = logits["fp32"].max() - logits["fp32"].min()
     assert np.abs(logits["int8"] - logits["fp32"]).max() <= 0.05 * span
-    assert np.abs(logits["int4"] - logits["fp32"]).max() <= 0.25 * span
-    assert np.abs(logits["int4"] - logits["fp32"]).max() > 0  # the experts were quantised
+    for name in ("int4", "int4 fused"):
+        assert np.abs(logits[name] - logits["fp32"]).max() <= 0.25 * span
+        assert np.abs(logits[name] - logits["fp32"]).max() > 0  # the experts were quantised
 
 
 # --- refusals (before the builder runs: fast) -------------------------------------------------------------
