@@ -1,4 +1,5 @@
-"""com.microsoft.MoE: ONNX Runtime's fused MoE kernel, for dropless softmax/sigmoid top-k token choice.
+"""com.microsoft.MoE: ONNX Runtime's fused MoE kernel, for dropless softmax/sigmoid top-k token choice and
+hash routing (log one-hot logits).
 
 What the op computes (checked against a NumPy/PyTorch reference, onnxruntime 1.31 CPU):
   probs = softmax(router_probs) over E; top-k of probs; with normalize_routing_weights=1 the k weights are
