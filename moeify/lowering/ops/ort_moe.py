@@ -36,8 +36,8 @@ on the experts the router gathered from the token ids (`table[input_ids]` or the
 is log(one_hot(table[input_ids])), computed in the graph from the model's input_ids (convert wires them to
 the layers), exact for every id. The same log one-hot logits feed MoE/QMoE in the GenAI route
 (`moeify.genai.router_logits`), there as a [V, E] table.
-Measured (onnxruntime 1.31 CPU): -inf instead of NEVER_CHOSEN also gives exact outputs, but NEVER_CHOSEN is
-finite in fp16 too and keeps NaN out of any runtime that subtracts the row maximum differently.
+Measured (onnxruntime 1.31 CPU): -inf instead of NEVER_CHOSEN also gives exact outputs; NEVER_CHOSEN is
+kept because it is finite in fp16 too, and -inf was not measured on other providers (CUDA).
 
 Torch side: the export-only op `moeify::topk_moe` (router logits -> top-k -> experts as ONE op), so the
 translation sees the logits; its eager body is the reference, its fake kernel gives the output shape.
@@ -135,8 +135,10 @@ def eligible(layer, target: str) -> str | None:
     learned = layer.router.caps.learned
     if target != "ort":
         return "portable target: standard ops only"
-    if layer.router.training and (cfg.jitter_noise > 0 if learned else True):
-        return "the router is in training mode" + (" with jitter noise" if learned else "")
+    if layer.router.training and not learned:
+        return "the router is in training mode (a fixed rule lowers its inference rule: call model.eval())"
+    if layer.router.training and cfg.jitter_noise > 0:
+        return "router jitter noise is on (training mode)"
     label = cfg.activation + (" (gated)" if cfg.gated else "")
     if layer.activation is not None:
         return f"activation {type(layer.activation).__name__} is a module; com.microsoft.MoE takes names"
