@@ -121,6 +121,15 @@ def test_portable_target_keeps_standard_ops():
     assert plan_for(layer, "portable").lowering.name == "moeify.GroupedFFN"
 
 
+def test_dense_weights_leave_dropped_assignments_out():
+    from moeify.routing import SparseRouting
+
+    routing = SparseRouting(token_idx=torch.tensor([0, 0, 1, 1]), expert_idx=torch.tensor([2, 0, 3, 4]),
+                            weight=torch.tensor([0.75, 0.25, 1.0, 0.5]), logits=torch.zeros(2, 4))
+    want = torch.tensor([[0.25, 0.0, 0.75, 0.0], [0.0, 0.0, 0.0, 1.0]])  # expert 4 = E: dropped
+    assert torch.equal(routing.dense_weights(2, 4), want)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_log_weights_give_back_the_routing(k):
     """softmax -> top-k -> renormalise (what MoE computes) of log_weights(w) is w, for k-hot weights."""
