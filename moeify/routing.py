@@ -32,6 +32,13 @@ class SparseRouting:
         counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=self.expert_idx.device)
         return counts.scatter_add_(0, self.expert_idx, torch.ones_like(self.expert_idx))[:num_experts]
 
+    def dense_weights(self, num_tokens: int, num_experts: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The routing as a [T, E] matrix of combine weights (0 where a token does not go; dropped
+        assignments left out)."""
+        dense = torch.zeros(num_tokens, num_experts + 1, dtype=dtype, device=self.weight.device)  # [T, E+1]
+        dense = dense.index_put((self.token_idx, self.expert_idx), self.weight.to(dtype), accumulate=True)
+        return dense[:, :num_experts]  # [T, E]
+
     def dropped_fraction(self, num_experts: int) -> Tensor:
         """Scalar: share of assignments dropped for capacity."""
         if self.expert_idx.numel() == 0:

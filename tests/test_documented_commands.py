@@ -227,6 +227,7 @@ WAYS: dict[str, Way] = {
     "PYTHONPATH=. python examples/upcycle_gpt.py --quick": Way(_example, "moe-copy"),
     "PYTHONPATH=. python examples/hf_trainer.py --quick": Way(_example, "'same_generation': True"),
     "PYTHONPATH=. python examples/rl_soft_moe.py --quick": Way(_example, "'last_loss'"),
+    "PYTHONPATH=. python examples/switch_dit.py --quick": Way(_example, "'heatmap'"),
 }
 
 
@@ -237,6 +238,7 @@ RUN_AS_QUICK = {
     "PYTHONPATH=. python examples/upcycle_gpt.py",
     "PYTHONPATH=. python examples/hf_trainer.py",
     "PYTHONPATH=. python examples/rl_soft_moe.py",
+    "PYTHONPATH=. python examples/switch_dit.py",
 }
 
 

@@ -9,8 +9,9 @@ normalize_routing_weights=1) renormalise the K weights. Three routers map onto t
 - learned top-k with sigmoid scores, renormalised: feeding log(sigmoid(logits)) makes the op's softmax then
   renormalise give sigmoid_i / sum_topk sigmoid_j, and top-k of log-sigmoid is top-k of sigmoid;
 - a fixed rule on token ids (hash routing): a table [V, E] of log one-hot logits, log(w) at the K chosen
-  experts and -1e4 elsewhere, gathered by `input_ids` (the trick ONNX Runtime GenAI's DeepSeek-V4 builder
-  uses). The renormalised softmax over the chosen gives back their weights (1/K each for hash).
+  experts and -1e4 elsewhere (`moeify.lowering.ops.ort_moe.log_weights`, which `export_onnx` uses for the
+  same routers), gathered by `input_ids` (the trick ONNX Runtime GenAI's DeepSeek-V4 builder uses). The
+  renormalised softmax over the chosen gives back their weights (1/K each for hash).
 
 Anything else (top-k without renormalisation, capacity limits, expert choice, soft, balanced) is refused with
 the reason. Each plan is checked on the router itself: the routing it gives on random inputs must equal what
@@ -25,10 +26,9 @@ import numpy as np
 import torch
 
 from moeify.errors import MoeifyError
+from moeify.lowering.ops.ort_moe import log_weights
 from moeify.routers.base import ORT_MOE
 from moeify.routing import SparseRouting
-
-NEG = -1e4  # "never chosen" logit: exp(-1e4) is 0 in fp32 and fp16, and it stays finite in fp16
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,6 @@ def _routing(layer, x: torch.Tensor, ids: torch.Tensor | None) -> SparseRouting:
     return routing
 
 
-def _dense_weights(routing: SparseRouting, T: int, E: int) -> torch.Tensor:
-    """A routing as a [T, E] matrix of combine weights (0 where a token does not go)."""
-    dense = torch.zeros(T, E, dtype=torch.float64)  # [T, E]
-    dense.index_put_((routing.token_idx, routing.expert_idx), routing.weight.double(), accumulate=True)
-    return dense
-
-
 def token_table(layer, vocab_size: int, refuse) -> np.ndarray:
     """[V, E] log one-hot logits of a router that decides from token ids alone (checked: two different
     hidden-state draws give the same routing)."""
@@ -106,7 +99,7 @@ def token_table(layer, vocab_size: int, refuse) -> np.ndarray:
     ids = torch.arange(vocab_size)
     gen = torch.Generator().manual_seed(0)
     draws = [_routing(layer, torch.randn(vocab_size, cfg.d_model, generator=gen), ids) for _ in range(2)]
-    weights = [_dense_weights(r, vocab_size, cfg.num_experts) for r in draws]  # 2 x [V, E]
+    weights = [r.dense_weights(vocab_size, cfg.num_experts, torch.float64) for r in draws]  # 2 x [V, E]
     if not torch.equal(weights[0], weights[1]):
         raise refuse(
             "routes on hidden states as well as token ids; only a pure token-id rule becomes a table"
@@ -115,8 +108,7 @@ def token_table(layer, vocab_size: int, refuse) -> np.ndarray:
     chosen = (w > 0).sum(dim=1)  # [V]
     if not bool((chosen == cfg.k).all()) or not torch.allclose(w.sum(dim=1), torch.ones_like(w[:, 0])):
         raise refuse(f"does not give every token {cfg.k} experts with weights summing to 1")
-    table = torch.where(w > 0, w.clamp(min=1e-30).log(), torch.full_like(w, NEG))  # [V, E]
-    return table.float().numpy()
+    return log_weights(w).float().numpy()  # [V, E]
 
 
 def op_routing(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,7 +136,7 @@ def check_plan(layer, plan: RouterLogits, refuse) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, cfg.d_model, generator=gen)  # [T, D]
     ids = torch.randint(0, plan.array.shape[0] if plan.kind == "token_table" else 2, (64,), generator=gen)
-    want = _dense_weights(_routing(layer, x, ids), 64, cfg.num_experts)  # [T, E]
+    want = _routing(layer, x, ids).dense_weights(64, cfg.num_experts, torch.float64)  # [T, E]
     got = op_routing(plan_logits(plan, x, ids), cfg.k)  # [T, E]
     if not torch.allclose(got, want, atol=1e-5):
         raise refuse("routes differently from what com.microsoft.MoE computes from its logits")

@@ -3,8 +3,8 @@
     moeify.export_onnx(model, example_inputs, "model.onnx", target="ort", dynamic=True, dtype=torch.float32)
 
 Targets:
-  "ort"       top-k softmax token-choice layers with relu / tanh-gelu / silu / SwiGLU experts become ONNX
-              Runtime's fused com.microsoft.MoE; every other layer becomes moeify.GroupedFFN /
+  "ort"       top-k softmax token-choice layers and hash-routed layers with relu / tanh-gelu / silu / SwiGLU
+              experts become ONNX Runtime's fused com.microsoft.MoE; every other layer becomes moeify.GroupedFFN /
               moeify.SoftExperts, which carry standard-op function bodies inside the model.
   "portable"  standard ai.onnx ops only (the function bodies inlined): sparse dispatch through a capacity
               buffer, never all experts on all tokens.

@@ -7,15 +7,18 @@ the model passes `token_ids` to the layer (`MoELayer.forward(x, token_ids=ids)`)
 projection of its hidden state. Each expert's weight is 1/K, so K copies of a dense FFN reproduce it.
 Nothing is learned and nothing needs balancing: no auxiliary losses. A token's route depends on that token
 alone, so the router is causal-safe. `capacity_factor` is not used: nothing is dropped.
+The ONNX export for ONNX Runtime feeds the fused com.microsoft.MoE the log one-hot weights
+(`moeify.lowering.ops.ort_moe`): exact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
 
-from moeify.routers.base import Router
+from moeify.routers.base import GROUPED_FFN, ORT_MOE, Router, RouterCapabilities
 from moeify.routers.hashing import TokenHash
 from moeify.routers.registry import register_router
 from moeify.routing import SparseRouting
@@ -38,6 +41,11 @@ def fixed_routing(experts: Tensor, scores: Tensor) -> SparseRouting:
 class HashRouter(Router):
     learned = False
     reads_token_ids = True
+
+    @classmethod
+    def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
+        # k distinct experts of weight 1/k per token: com.microsoft.MoE fed their log one-hot weights
+        return dataclasses.replace(super().capabilities(config), lowerings=(ORT_MOE, GROUPED_FFN))
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)

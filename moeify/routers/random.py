@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moeify.routers.base import Router, RouterCapabilities
+from moeify.routers.base import GROUPED_FFN, ORT_MOE, Router, RouterCapabilities
 from moeify.routers.hash import fixed_routing
 from moeify.routers.hashing import TokenHash
 from moeify.routers.registry import register_router
@@ -38,10 +38,12 @@ class RandomRouter(Router):
 
     @classmethod
     def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
-        # at inference: the hash rule reads the token ids and runs k experts; "mean" runs all E
+        # at inference: the hash rule reads the token ids and runs k experts (com.microsoft.MoE fed their log
+        # one-hot weights, as for the hash router); "mean" runs all E
         hashing = config.random_eval_rule == "hash"
         return dataclasses.replace(super().capabilities(config), reads_token_ids=hashing,
-                                   active_experts=float(config.k if hashing else config.num_experts))
+                                   active_experts=float(config.k if hashing else config.num_experts),
+                                   lowerings=(ORT_MOE, GROUPED_FFN) if hashing else (GROUPED_FFN,))
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)

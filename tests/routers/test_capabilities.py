@@ -34,9 +34,9 @@ TABLE = [
     ("expert_choice", {}, caps(mixes=True)),
     ("expert_choice", {"k": 1, "capacity_factor": 2.5}, caps(mixes=True, active=2.5)),  # cf * k
     ("expert_choice", {"k": 4, "capacity_factor": 2.0}, caps(mixes=True, active=4.0)),  # at most E
-    ("hash", {}, caps(learned=False, ids=True)),
-    ("hash", {"k": 3}, caps(learned=False, ids=True, active=3.0)),
-    ("random", {"k": 1}, caps(learned=False, ids=True, active=1.0)),
+    ("hash", {}, caps(learned=False, ids=True, lowerings=(ORT_MOE, GROUPED_FFN))),
+    ("hash", {"k": 3}, caps(learned=False, ids=True, active=3.0, lowerings=(ORT_MOE, GROUPED_FFN))),
+    ("random", {"k": 1}, caps(learned=False, ids=True, active=1.0, lowerings=(ORT_MOE, GROUPED_FFN))),
     ("random", {"random_eval_rule": "mean"}, caps(learned=False, active=4.0)),  # every expert, no ids
     ("soft", {}, caps(soft=True, mixes=True, active=4.0, lowerings=(SOFT_EXPERTS,))),
     ("soft", {"slots_per_expert": 2, "k": 1},

@@ -1,4 +1,5 @@
-"""com.microsoft.MoE: ONNX Runtime's fused MoE kernel, for dropless softmax/sigmoid top-k token choice.
+"""com.microsoft.MoE: ONNX Runtime's fused MoE kernel, for dropless softmax/sigmoid top-k token choice and
+hash routing (log one-hot logits).
 
 What the op computes (checked against a NumPy/PyTorch reference, onnxruntime 1.31 CPU):
   probs = softmax(router_probs) over E; top-k of probs; with normalize_routing_weights=1 the k weights are
@@ -25,6 +26,18 @@ moeify ops on such builds.
 Scoring: softmax scores map directly. Sigmoid scores with renormalisation map too: feeding
   router_probs = log(sigmoid(logits)) makes the op's softmax-then-renormalise give
   sigmoid_i / sum_topk sigmoid_j, and top-k of log-sigmoid is top-k of sigmoid (monotone).
+
+Fixed rules (hash routing; the random router at inference with its hash rule): the router lists ORT_MOE
+when every token gets exactly k distinct experts whose weights sum to 1 (`RouterCapabilities`). The op is
+fed router_probs = log(weights) [T, E], NEVER_CHOSEN where a token does not go, with
+normalize_routing_weights=1: softmax gives back the weights on the chosen experts (exp(-1e4) is 0), their
+top k are the chosen ones and renormalising keeps them. For hash routing the weights are one-hot (1/k each)
+on the experts the router gathered from the token ids (`table[input_ids]` or the permutation hash), so this
+is log(one_hot(table[input_ids])), computed in the graph from the model's input_ids (convert wires them to
+the layers), exact for every id. The same log one-hot logits feed MoE/QMoE in the GenAI route
+(`moeify.genai.router_logits`), there as a [V, E] table.
+Measured (onnxruntime 1.31 CPU): -inf instead of NEVER_CHOSEN also gives exact outputs; NEVER_CHOSEN is
+kept because it is finite in fp16 too, and -inf was not measured on other providers (CUDA).
 
 Torch side: the export-only op `moeify::topk_moe` (router logits -> top-k -> experts as ONE op), so the
 translation sees the logits; its eager body is the reference, its fake kernel gives the output shape.
@@ -88,12 +101,30 @@ def _(x, logits, w1, b1, w2, b2, k, normalize, score_fn, activation, gated):
     return torch.empty_like(x)
 
 
+NEVER_CHOSEN = -1e4  # router_probs of an expert a fixed rule does not pick: exp(-1e4) is 0 in fp32 and fp16
+
+
+def log_weights(weights: Tensor) -> Tensor:
+    """weights [T, E] (k nonzero per row, summing to 1) -> router_probs [T, E] from which the op's softmax,
+    top-k and renormalisation give back `weights`: log(w) where w > 0, NEVER_CHOSEN elsewhere."""
+    chosen = weights > 0  # [T, E]
+    return torch.where(chosen, weights.clamp(min=1e-30).log(), torch.full_like(weights, NEVER_CHOSEN))
+
+
 def experts(layer, x: Tensor, routing) -> Tensor:
-    """x [T, D], the router's SparseRouting -> [T, D]: the op routes again from the router's logits (the
-    router's own top-k then feeds nothing and the exporter drops it)."""
+    """x [T, D], the router's SparseRouting -> [T, D].
+
+    A learned router: the op routes again from the router's logits (the router's own top-k then feeds
+    nothing and the exporter drops it). A fixed rule: the op gets the log of the routing's weights and
+    renormalises (see the module docstring)."""
     cfg = layer.config
-    return topk_moe(x, routing.logits, layer.w1, layer.b1, layer.w2, layer.b2, cfg.k, cfg.normalize,
-                    cfg.score_fn, cfg.activation, cfg.gated)  # [T, D]
+    if layer.router.caps.learned:
+        logits, normalize, score_fn = routing.logits, cfg.normalize, cfg.score_fn
+    else:
+        weights = routing.dense_weights(x.shape[0], cfg.num_experts)  # [T, E]
+        logits, normalize, score_fn = log_weights(weights), True, "softmax"
+    return topk_moe(x, logits, layer.w1, layer.b1, layer.w2, layer.b2, cfg.k, normalize,
+                    score_fn, cfg.activation, cfg.gated)  # [T, D]
 
 
 # --- eligibility
@@ -101,8 +132,11 @@ def experts(layer, x: Tensor, routing) -> Tensor:
 def eligible(layer, target: str) -> str | None:
     """None when `layer` (an MoELayer, eval mode) can lower to com.microsoft.MoE for `target`, else why."""
     cfg = layer.config
+    learned = layer.router.caps.learned
     if target != "ort":
         return "portable target: standard ops only"
+    if layer.router.training and not learned:
+        return "the router is in training mode (a fixed rule lowers its inference rule: call model.eval())"
     if layer.router.training and cfg.jitter_noise > 0:
         return "router jitter noise is on (training mode)"
     label = cfg.activation + (" (gated)" if cfg.gated else "")
@@ -110,7 +144,7 @@ def eligible(layer, target: str) -> str | None:
         return f"activation {type(layer.activation).__name__} is a module; com.microsoft.MoE takes names"
     if (cfg.activation, cfg.gated) not in ORT_ACTIVATIONS:
         return f"activation {label} has no exact equivalent in com.microsoft.MoE"
-    return ort_moe_problem(cfg.activation, cfg.gated, cfg.normalize)
+    return ort_moe_problem(cfg.activation, cfg.gated, cfg.normalize or not learned)
 
 
 def ort_moe_matches(activation: str, gated: bool, normalize: bool = True) -> bool:
