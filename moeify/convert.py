@@ -183,10 +183,12 @@ def select_sites(target: nn.Module, config: ConvertConfig, filter_fn=None
 
 
 def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int,
-                 calibration, shared_routers: dict[int, nn.Module] | None = None) -> tuple[MoEConfig, MoELayer]:
+                 calibration, shared_routers: dict[int, nn.Module] | None = None,
+                 spare: dict | None = None) -> tuple[MoEConfig, MoELayer]:
     """One FFN's MoE layer: its MoEConfig (shape from the FFN, the rest from `config`), built with the
     FFN's device, dtype and mode, and upcycled from its dense weights. With `config.share_router`, a layer
-    whose width is in `shared_routers` routes with that router, which its upcycling leaves as it was."""
+    whose width is in `shared_routers` routes with that router, which its upcycling leaves as it was.
+    `spare`: expert tensors ("w1", "w2") free for reuse as this layer's storage (see _final_storage)."""
     m = site.match
     cfg = config.layer_config(d_model=m.d_model, d_ff=_expert_width(config, site), activation=m.activation,
                               gated=m.gated, bias=m.bias)
@@ -203,7 +205,7 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
         except ConfigError as exc:
             raise ConfigError(f"FFN {m.name!r}: {exc}") from None
         if config.init.init != "none":  # the upcycling fills them
-            _final_storage(layer, dense.w1.device, dense.w1.dtype)
+            _final_storage(layer, dense.w1.device, dense.w1.dtype, spare)
         layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
         layer.train(site.cand.cap.module.training)  # an eval-mode model gets eval-mode layers
         kept = None if shared is None else {k: v.clone() for k, v in shared.state_dict().items()}
@@ -233,13 +235,17 @@ def _release_dense(model: nn.Module, site: Site, registered: Counter) -> None:
                                                    requires_grad=p.requires_grad)
 
 
-def _final_storage(layer: MoELayer, device: torch.device, dtype: torch.dtype) -> None:
+def _final_storage(layer: MoELayer, device: torch.device, dtype: torch.dtype, spare: dict | None) -> None:
     """Give the experts' (uninitialised) weights their final device and dtype before `layer.to(...)`,
-    so no float32 copy of E x the FFN is made and converted."""
+    so no float32 copy of E x the FFN is made and converted. `spare`: name -> a tensor whose values are
+    no longer needed (the previous layer's, already written), used when it fits: fresh memory costs a
+    page fault per page on first touch, several times the copy that fills it."""
     for name in ("w1", "w2"):
         p = getattr(layer, name)
-        setattr(layer, name, nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype),
-                                          requires_grad=p.requires_grad))
+        data = (spare or {}).pop(name, None)
+        if data is None or data.shape != p.shape or data.dtype != dtype or data.device != torch.device(device):
+            data = torch.empty(p.shape, device=device, dtype=dtype)
+        setattr(layer, name, nn.Parameter(data, requires_grad=p.requires_grad))
 
 
 def _listed(patterns: tuple[str, ...] | None) -> list[str] | None:

@@ -66,8 +66,10 @@ class _Loader:
         self.seen: set[int] = set()
         self.running_blocks = 0  # blocks holding an FFN that are running now
         self.saved: dict[int, tuple[nn.Module, dict, dict]] = {}  # loaded now: its meta tensors
+        self.depth: dict[int, int] = {}  # loaded now: how many of its calls are running
 
     def unload(self, key: int) -> None:
+        self.depth.pop(key, None)
         mod, params, buffers = self.saved.pop(key)
         mod._parameters.update(params)
         mod._buffers.update(buffers)
@@ -82,7 +84,8 @@ class _Loader:
             if id(mod) not in self.seen and not self.running_blocks and all(self.sinks.values()):
                 raise _Stop  # a module not needed before (final norm, head): every FFN has been seen
             self.seen.add(id(mod))
-            if id(mod) in self.saved:  # re-entered while loaded (a module calling itself): keep it
+            self.depth[id(mod)] = self.depth.get(id(mod), 0) + 1
+            if self.depth[id(mod)] > 1:  # re-entered while loaded (a module calling itself): keep it
                 return
             self.saved[id(mod)] = (mod, dict(mod._parameters), dict(mod._buffers))
             loaded = 0
@@ -98,7 +101,9 @@ class _Loader:
                 self.on_load(loaded)
 
         def after(mod, args, output):
-            self.unload(id(mod))
+            self.depth[id(mod)] -= 1
+            if not self.depth[id(mod)]:
+                self.unload(id(mod))
 
         return module.register_forward_pre_hook(before), module.register_forward_hook(after)
 

@@ -244,7 +244,9 @@ def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorRea
         if kind == "layer":
             path, local = where
             if current is None or current[0] != path:
-                current = None  # free the previous layer before building the next
+                # the previous layer is written: free it, its expert tensors become the next one's storage
+                spare = {k: current[1][k] for k in ("w1", "w2")} if current is not None else None
+                current = None
                 index = plan.layer_paths[path]
                 if config.share_router and index < last_index:  # the first layer must build the router
                     raise MoeifyError(f"internal: MoE layer {path} comes after a later one in the output; "
@@ -252,7 +254,8 @@ def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorRea
                 last_index = index
                 site = plan.sites[index]
                 inputs = (calibration or {}).get(site.match.name)
-                _, layer = _build_layer(reader, site, config, index, inputs, shared_routers)
+                _, layer = _build_layer(reader, site, config, index, inputs, shared_routers, spare)
+                spare = None
                 current = (path, {k: v.detach() for k, v in layer.state_dict().items()})
                 del layer
             tensor = current[1][local]
