@@ -82,7 +82,8 @@ def child(mode: str, src: str, out: str, experts: int) -> dict:
     elif mode == "memory":
         from moeify.io.sources import load_hf_dir
 
-        moeify.save(moeify.convert(load_hf_dir(Path(src)).model, experts=experts, k=2, init="copy"), Path(out))
+        model = load_hf_dir(Path(src)).model
+        moeify.save(moeify.convert(model, experts=experts, k=2, init="copy"), Path(out))
     elif mode == "load":
         model = moeify.load(out)
         sum(float(p.sum()) for p in model.parameters())  # touch every weight

@@ -243,7 +243,8 @@ def _final_storage(layer: MoELayer, device: torch.device, dtype: torch.dtype, sp
     for name in ("w1", "w2"):
         p = getattr(layer, name)
         data = (spare or {}).pop(name, None)
-        if data is None or data.shape != p.shape or data.dtype != dtype or data.device != torch.device(device):
+        wanted = (p.shape, dtype, torch.device(device))
+        if data is None or (data.shape, data.dtype, data.device) != wanted:
             data = torch.empty(p.shape, device=device, dtype=dtype)
         setattr(layer, name, nn.Parameter(data, requires_grad=p.requires_grad))
 

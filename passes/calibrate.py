@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
-
 from moeify.passes.analyse import Site
 from moeify.passes.rewrite import install_method
+from torch import nn
 
 Tensor = torch.Tensor
 

@@ -65,9 +65,10 @@ def _reference_fill(layer, dense, partition, w2_scale, b2_scale):
 def test_fast_fill_equals_the_reference(dtype, scales, kind):
     E, D, H = 4, 6, 8
     gen = torch.Generator().manual_seed(0)
-    dense = DenseFFNWeights(w1=torch.randn(2 * H, D, generator=gen).to(dtype), b1=torch.randn(2 * H).to(dtype),
-                            w2=torch.randn(D, H, generator=gen).to(dtype), b2=torch.randn(D).to(dtype),
-                            activation="silu", gated=True)
+    dense = DenseFFNWeights(w1=torch.randn(2 * H, D, generator=gen).to(dtype),
+                            b1=torch.randn(2 * H, generator=gen).to(dtype),
+                            w2=torch.randn(D, H, generator=gen).to(dtype),
+                            b2=torch.randn(D, generator=gen).to(dtype), activation="silu", gated=True)
     if kind == "copy":
         partition = torch.arange(H).expand(E, H)
     else:

@@ -267,8 +267,8 @@ def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorRea
         del tensor
 
 
-def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: ConvertConfig | None = None, *,
-                       fmt: str = "moeify", dtype: torch.dtype | None = None, calibration=None,
+def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: ConvertConfig | None = None,
+                       *, fmt: str = "moeify", dtype: torch.dtype | None = None, calibration=None,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
                        progress: Progress | None = None, **options):
     """Convert `source` (a Hugging Face safetensors directory, or a dense model in memory) and write the
@@ -338,7 +338,8 @@ def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: 
 
 def _dense_bytes(reader: TensorReader) -> int:
     source = reader.source
-    return sum(math.prod(source.shape(n)) * reader.out_dtype(source.dtype(n)).itemsize for n in source.names())
+    return sum(math.prod(source.shape(n)) * reader.out_dtype(source.dtype(n)).itemsize
+               for n in source.names())
 
 
 class _Phases:

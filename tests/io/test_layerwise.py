@@ -13,8 +13,8 @@ import moeify
 from moeify.convert import select_sites
 from moeify.convert_config import ConvertConfig
 from moeify.errors import MoeifyError, UpcycleError
-from moeify.io.lazy_source import CheckpointSource, hf_structure
 from moeify.io.layerwise import calibrate_lazily
+from moeify.io.lazy_source import CheckpointSource, hf_structure
 from moeify.io.sources import load_hf_dir
 from moeify.io.streaming import TensorReader, convert_checkpoint
 from tests.cli_models import leftovers
