@@ -52,6 +52,7 @@ def test_calibrated_inits_streamed_equal_in_memory(tmp_path, name, init):
     _assert_bit_identical(streamed, memory)
 
 
+@pytest.mark.slow
 def test_the_calibration_inputs_decide_the_router(tmp_path):
     """The equality above is not vacuous: other inputs give another k-means router."""
     src = _checkpoint(tmp_path, "llama")
@@ -166,3 +167,14 @@ def test_cli_streams_share_router(run, tmp_path):
     moeify.save(moeify.convert(load_hf_dir(src).model, experts=4, k=2, seed=3, share_router=True),
                 tmp_path / "memory")
     _assert_bit_identical(tmp_path / "out", tmp_path / "memory")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma2", "phi3", "bart"])  # per-layer masks, fused gate_up, enc-dec
+def test_kmeans_streamed_equals_in_memory_on_more_architectures(tmp_path, name):
+    from tests.architectures import ARCHS, build, inputs
+
+    build(name).save_pretrained(tmp_path / "src")
+    calibration = inputs(ARCHS[name][3])
+    streamed, memory = _stream_and_reference(tmp_path / "src", tmp_path, _options(KMEANS), calibration)
+    _assert_bit_identical(streamed, memory)
