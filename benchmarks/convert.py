@@ -11,6 +11,7 @@ its peak RSS (ru_maxrss) is its own:
   copy        copy the moeify output's files (the floor: reading and writing those bytes)
   convert     `moeify convert SRC -e E --k 2 --init copy` (streamed; moeify format)
   mixtral     the same with `--format mixtral`
+  memory      the in-memory path: load the dense model, `moeify.convert`, `moeify.save`
   load        `moeify.load(OUT)` of the moeify output
   runtime     python + torch + transformers + moeify imported, nothing else (what every row pays)
 """
@@ -78,6 +79,11 @@ def child(mode: str, src: str, out: str, experts: int) -> dict:
         convert_checkpoint(Path(src), Path(out), experts=experts, k=2, init="copy")
     elif mode == "mixtral":
         convert_checkpoint(Path(src), Path(out), fmt="mixtral", experts=experts, k=2, init="copy")
+    elif mode == "memory":
+        from moeify.io.sources import load_hf_dir
+
+        model = load_hf_dir(Path(src)).model
+        moeify.save(moeify.convert(model, experts=experts, k=2, init="copy"), Path(out))
     elif mode == "load":
         model = moeify.load(out)
         sum(float(p.sum()) for p in model.parameters())  # touch every weight
@@ -131,20 +137,22 @@ def main() -> None:
         rows["mixtral"] = run_child("mixtral", tmp / "src", tmp / "mixtral", args.experts)
         mixtral_bytes = size_of(tmp / "mixtral")
         shutil.rmtree(tmp / "mixtral")
+        rows["memory"] = run_child("memory", tmp / "src", tmp / "memory", args.experts)
+        shutil.rmtree(tmp / "memory")
         rows["load"] = run_child("load", tmp / "src", tmp / "moe", args.experts)
     runtime = rows["runtime"]["peak_rss"]
     copy_s = max(rows["copy"]["seconds"], 1e-9)
     print(f"moeify convert benchmark: LLaMA d={shape['hidden_size']} d_ff={shape['intermediate_size']} "
           f"{layers} layers, bf16, {gib(dense)} in (written in {made:.0f}s) -> {args.experts} experts, "
           f"top-2, copy: {gib(out_bytes)} out (mixtral {gib(mixtral_bytes)}); {os.cpu_count()} CPUs")
-    print(f"{'':26}{'time':>9}{'x copy':>8}{'peak RSS':>11}{'over runtime':>14}")
+    print(f"{'':30}{'time':>9}{'x copy':>8}{'peak RSS':>11}{'over runtime':>14}")
     for name, label in (("runtime", "runtime (imports)"), ("copy", "copy output bytes"),
                         ("convert", "convert (moeify format)"), ("mixtral", "convert --format mixtral"),
-                        ("load", "moeify.load")):
+                        ("memory", "in memory (load+convert+save)"), ("load", "moeify.load")):
         r = rows[name]
-        ratio = f"{r['seconds'] / copy_s:.1f}x" if name in ("convert", "mixtral") else ""
+        ratio = f"{r['seconds'] / copy_s:.1f}x" if name in ("convert", "mixtral", "memory") else ""
         seconds = f"{r['seconds']:.1f}s" if name != "runtime" else ""
-        print(f"{label:26}{seconds:>9}{ratio:>8}{gib(r['peak_rss']):>11}{gib(r['peak_rss'] - runtime):>14}")
+        print(f"{label:30}{seconds:>9}{ratio:>8}{gib(r['peak_rss']):>11}{gib(r['peak_rss'] - runtime):>14}")
     print(f"load: model {gib(out_bytes)}; peak over runtime {gib(rows['load']['peak_rss'] - runtime)}")
 
 

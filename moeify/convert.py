@@ -13,6 +13,7 @@ FFNs replaced by `MoELayer`s (see passes/plan.py for how), so an HF model still 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import torch
@@ -29,6 +30,8 @@ from moeify.passes import (
     Analysis,
     Calibrate,
     Capture,
+    ChainSurgery,
+    ModuleSurgery,
     PassRunner,
     Replacement,
     Rewrite,
@@ -138,9 +141,12 @@ def convert(
     params_before = count_params(target)
     layers: list[tuple[Site, MoEConfig, MoELayer]] = []
     shared_routers: dict[int, nn.Module] = {}  # d_model -> router, with share_router (Omni-router)
+    registered = Counter(id(p) for _, p in target.named_parameters(remove_duplicate=False))
     for index, site in enumerate(selected):
         cfg, layer = _build_layer(target, site, config, index, calib.get(site.match.name), shared_routers)
         layers.append((site, cfg, layer))
+        if not inplace:  # our own copy: its dense FFN goes as soon as the experts hold its weights
+            _release_dense(target, site, registered)
         if progress is not None:
             progress(site.match.name, index + 1, len(selected))
 
@@ -177,10 +183,12 @@ def select_sites(target: nn.Module, config: ConvertConfig, filter_fn=None
 
 
 def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int,
-                 calibration, shared_routers: dict[int, nn.Module] | None = None) -> tuple[MoEConfig, MoELayer]:
+                 calibration, shared_routers: dict[int, nn.Module] | None = None,
+                 spare: dict | None = None) -> tuple[MoEConfig, MoELayer]:
     """One FFN's MoE layer: its MoEConfig (shape from the FFN, the rest from `config`), built with the
     FFN's device, dtype and mode, and upcycled from its dense weights. With `config.share_router`, a layer
-    whose width is in `shared_routers` routes with that router, which its upcycling leaves as it was."""
+    whose width is in `shared_routers` routes with that router, which its upcycling leaves as it was.
+    `spare`: expert tensors ("w1", "w2") free for reuse as this layer's storage (see _final_storage)."""
     m = site.match
     cfg = config.layer_config(d_model=m.d_model, d_ff=_expert_width(config, site), activation=m.activation,
                               gated=m.gated, bias=m.bias)
@@ -196,6 +204,8 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
                              activation=activation)
         except ConfigError as exc:
             raise ConfigError(f"FFN {m.name!r}: {exc}") from None
+        if config.init.init != "none":  # the upcycling fills them
+            _final_storage(layer, dense.w1.device, dense.w1.dtype, spare)
         layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
         layer.train(site.cand.cap.module.training)  # an eval-mode model gets eval-mode layers
         kept = None if shared is None else {k: v.clone() for k, v in shared.state_dict().items()}
@@ -205,6 +215,38 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
         elif config.share_router and shared_routers is not None:
             shared_routers[m.d_model] = layer.router
     return cfg, layer
+
+
+def _release_dense(model: nn.Module, site: Site, registered: Counter) -> None:
+    """Free the FFN's projection weights, its MoE layer built: each becomes a meta tensor of its shape.
+    Only where the rewrite drops the projections whole (module and chain surgeries) and only weights no
+    other module holds (`registered`: id -> how many modules hold it)."""
+    if not isinstance(site.surgery, (ModuleSurgery, ChainSurgery)):
+        return
+    m = site.match
+    for path in (p for ref in (m.up, m.gate, m.down) if ref is not None for p in (ref.weight, ref.bias)):
+        if path is None:
+            continue
+        owner_path, _, leaf = path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        p = owner._parameters.get(leaf)
+        if p is not None and p.device.type != "meta" and registered[id(p)] == 1:
+            owner._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                   requires_grad=p.requires_grad)
+
+
+def _final_storage(layer: MoELayer, device: torch.device, dtype: torch.dtype, spare: dict | None) -> None:
+    """Give the experts' (uninitialised) weights their final device and dtype before `layer.to(...)`,
+    so no float32 copy of E x the FFN is made and converted. `spare`: name -> a tensor whose values are
+    no longer needed (the previous layer's, already written), used when it fits: fresh memory costs a
+    page fault per page on first touch, several times the copy that fills it."""
+    for name in ("w1", "w2"):
+        p = getattr(layer, name)
+        data = (spare or {}).pop(name, None)
+        wanted = (p.shape, dtype, torch.device(device))
+        if data is None or (data.shape, data.dtype, data.device) != wanted:
+            data = torch.empty(p.shape, device=device, dtype=dtype)
+        setattr(layer, name, nn.Parameter(data, requires_grad=p.requires_grad))
 
 
 def _listed(patterns: tuple[str, ...] | None) -> list[str] | None:

@@ -10,15 +10,15 @@ every module's training flag is put back as it was.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
-
 from moeify.passes.analyse import Site
 from moeify.passes.rewrite import install_method
+from torch import nn
 
 Tensor = torch.Tensor
 
@@ -45,18 +45,20 @@ def _not(node):
     return lambda user: user is not node
 
 
-def _call(model: nn.Module, inputs) -> None:
+def call_model(model: nn.Module, inputs):
+    """`model` on example inputs: a tensor, a tuple of positional args, or a dict of keyword args."""
     if isinstance(inputs, dict):
-        model(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        model(*inputs)
-    else:
-        model(inputs)
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
-@torch.no_grad()
-def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tensor]:
-    """FFN name -> its inputs [N, D] over one forward of `model` on `inputs` (a tensor, tuple or dict)."""
+@contextmanager
+def recording(model: nn.Module, sites: list[Site]) -> Iterator[dict[str, list[Tensor]]]:
+    """Inside the block, every call of a site's FFN appends its input [n, D] to `sinks[name]` (the
+    yielded dict); the model is in eval mode. On exit the hooks and recording copies are removed and
+    every module's training flag is put back."""
     sinks: dict[str, list] = {s.match.name: [] for s in sites}
     hooks, patched, recorders, copies = [], [], [], {}
     modes = [(m, m.training) for m in model.modules()]
@@ -89,7 +91,7 @@ def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tens
             patched.append((host, method, host.__dict__.get(method)))
             install_method(host, method, graph)
         model.eval()
-        _call(model, inputs)
+        yield sinks
     finally:
         for h in hooks:
             h.remove()
@@ -101,7 +103,19 @@ def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tens
             delattr(host, name)
         for m, training in modes:  # model.train(flag) would set one flag on every module
             m.training = training
+
+
+def joined(sinks: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+    """FFN name -> its recorded inputs as one [N, D] tensor (empty when it never ran)."""
     return {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in sinks.items()}
+
+
+@torch.no_grad()
+def record_inputs(model: nn.Module, sites: list[Site], inputs) -> dict[str, Tensor]:
+    """FFN name -> its inputs [N, D] over one forward of `model` on `inputs` (a tensor, tuple or dict)."""
+    with recording(model, sites) as sinks:
+        call_model(model, inputs)
+    return joined(sinks)
 
 
 @dataclass(frozen=True)
@@ -128,4 +142,4 @@ class Calibrate:
         return CalibrateResult(record_inputs(model, list(self.sites), self.inputs))
 
 
-__all__ = ["Calibrate", "CalibrateResult", "record_inputs"]
+__all__ = ["Calibrate", "CalibrateResult", "call_model", "joined", "record_inputs", "recording"]

@@ -165,7 +165,7 @@ def convert(ctx: click.Context, model: str, config_file: Path | None, experts: i
     shard_bytes = parse_size(shard_size)
 
     console = out_console()
-    if stream and streamable(model, fmt) and not config.share_router:  # a shared router: in memory
+    if stream and streamable(model, fmt):
         if convert_streaming(model, out, fmt, config, dtype=dtype, shard_bytes=shard_bytes, force=force,
                              console=console):
             return

@@ -183,12 +183,13 @@ def hf_config(model: nn.Module, fmt: str):
 
 
 def hf_state_dict(model: nn.Module, fmt: str, layers: dict) -> dict[str, torch.Tensor]:
-    """The converted model's tensors under the target's names (views, no copies)."""
+    """The converted model's tensors under the target's names (views, no copies, but for the routers: the
+    target has one per layer, so a router shared by several layers (share_router) is written for each)."""
     target = _target(fmt)
     prefixes = tuple(hf_mlp + "." for hf_mlp, _ in layers.values())
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for hf_mlp, layer in layers.values():
-        state[f"{hf_mlp}.gate.weight"] = layer.router.weight.detach()
+        state[f"{hf_mlp}.gate.weight"] = layer.router.weight.detach().clone()  # [E, D]: small
         state[f"{hf_mlp}.experts.gate_up_proj"] = layer.w1.detach()
         state[f"{hf_mlp}.experts.down_proj"] = layer.w2.detach()
         if target.shared_expert:

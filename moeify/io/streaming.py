@@ -13,15 +13,19 @@ How (the same steps whatever holds the dense weights, see lazy_source.py):
    written. Every other tensor is read and copied through.
 3. Everything goes into a temporary directory beside the output, renamed into place at the end; an error
    or Ctrl-C leaves nothing behind.
+Calibration inits (router_init="kmeans", clustered split given `calibration=`) first run the calibration
+inputs through the dense structure one module at a time (layerwise.py), keeping what each FFN saw.
+With share_router, the one router is upcycled by the first layer (as in memory) and written once.
 
-Memory: runtime + one FFN's MoE layer (E x the FFN) + its dense weights + one tensor. Calibration inits
-(router_init="kmeans") run the model and are refused here (`moeify.convert` in memory does them).
+Memory: runtime + one FFN's MoE layer (E x the FFN) + its dense weights + one tensor (+ with calibration,
+the recorded FFN inputs: tokens x d_model per FFN).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +35,11 @@ from torch import nn
 
 from moeify.convert import _build_layer, _expert_width, convert, select_sites
 from moeify.convert_config import ConvertConfig, config_from_call
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, UpcycleError
 from moeify.io.atomic import atomic_output
 from moeify.io.companions import companion_files, copy_files
-from moeify.io.empty_init import empty_params
+from moeify.io.empty_init import empty_params, meta_copy
+from moeify.io.layerwise import calibrate_lazily
 from moeify.io.lazy_source import CheckpointSource, ModelSource, hf_structure, model_structure
 from moeify.io.shard_writer import ShardWriter, Slot
 from moeify.io.weights import DEFAULT_SHARD_BYTES
@@ -151,16 +156,24 @@ class Plan:
     aliases: dict[str, str]
 
 
-def _refuse_unstreamable(config: ConvertConfig) -> None:
-    """Options the streamed path cannot honour yet: a shared router, calibration-based router init."""
-    if config.share_router:
-        raise MoeifyError("share_router=True is not streamed yet (its one router is upcycled by the first "
-                          "layer and kept for the others); convert in memory with --no-stream")
-    if config.init.init != "none" and config.init.resolved_router_init == "kmeans":
-        raise MoeifyError("router_init='kmeans' needs calibration inputs run through the model; streaming "
-                          "conversion does not run it: load the model and use moeify.convert(model, config, "
-                          "calibration=...) in memory (about 2x the dense checkpoint plus the output in RAM), "
-                          "or use router_init='random'")
+def _check_calibration(config: ConvertConfig, calibration) -> None:
+    """A calibration-based init without calibration inputs fails before anything is read or written."""
+    if calibration is None and config.init.init != "none" and config.init.resolved_router_init == "kmeans":
+        raise UpcycleError("router_init='kmeans' needs calibration inputs (example model inputs, run through "
+                           "the model one module at a time); pass calibration=..., or use router_init='random' "
+                           "or 'zeros'")
+
+
+def _in_memory_hint(reader: TensorReader, slots: list[Slot]) -> str:
+    """What to do instead, with the memory it takes: the loaded model, its converted copy, the output."""
+    dense_bytes = _dense_bytes(reader)
+    out_bytes = sum(slot.nbytes for slot in slots)
+    return (f"load the model and convert it in memory (moeify.convert(model, config, calibration=...)), "
+            f"which needs about {_gib(2 * dense_bytes + out_bytes)} of RAM")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB"
 
 
 def plan_conversion(structure: nn.Module, reader: TensorReader, config: ConvertConfig) -> Plan:
@@ -220,17 +233,29 @@ def hf_layout(plan: Plan, fmt: str) -> tuple[list[Slot], dict[str, tuple], objec
 
 
 def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorReader, config: ConvertConfig,
-                  writer: ShardWriter) -> None:
-    """Produce each output tensor in order: MoE layers one at a time, everything else copied through."""
+                  writer: ShardWriter, calibration: dict[str, torch.Tensor] | None = None) -> None:
+    """Produce each output tensor in order: MoE layers one at a time, everything else copied through.
+    `calibration`: FFN name -> its recorded inputs, for calibration-based inits."""
     current: tuple[str, dict] | None = None
+    shared_routers: dict[int, nn.Module] = {}  # with share_router: built by the first layer, kept
+    last_index = -1
     for slot in slots:
         kind, *where = origin[slot.name]
         if kind == "layer":
             path, local = where
             if current is None or current[0] != path:
-                current = None  # free the previous layer before building the next
+                # the previous layer is written: free it, its expert tensors become the next one's storage
+                spare = {k: current[1][k] for k in ("w1", "w2")} if current is not None else None
+                current = None
                 index = plan.layer_paths[path]
-                _, layer = _build_layer(reader, plan.sites[index], config, index, None)
+                if config.share_router and index < last_index:  # the first layer must build the router
+                    raise MoeifyError(f"internal: MoE layer {path} comes after a later one in the output; "
+                                      "convert in memory (--no-stream) and report this")
+                last_index = index
+                site = plan.sites[index]
+                inputs = (calibration or {}).get(site.match.name)
+                _, layer = _build_layer(reader, site, config, index, inputs, shared_routers, spare)
+                spare = None
                 current = (path, {k: v.detach() for k, v in layer.state_dict().items()})
                 del layer
             tensor = current[1][local]
@@ -242,19 +267,22 @@ def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorRea
         del tensor
 
 
-def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: ConvertConfig | None = None, *,
-                       fmt: str = "moeify", dtype: torch.dtype | None = None,
+def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: ConvertConfig | None = None,
+                       *, fmt: str = "moeify", dtype: torch.dtype | None = None, calibration=None,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
                        progress: Progress | None = None, **options):
     """Convert `source` (a Hugging Face safetensors directory, or a dense model in memory) and write the
     result to `out` (`fmt`: "moeify", or "mixtral" / "qwen2_moe" / "qwen3_moe"), streaming.
 
     dtype: the output's floating dtype (default: each tensor's own). progress(done, total) in bytes.
-    Same options and same result as `moeify.save(moeify.convert(model, config), out)` (or `export_hf`).
-    Returns the conversion's `ConversionReport`.
+    calibration: example model inputs (a tensor, tuple or dict of kwargs) for calibration-based inits
+    (router_init="kmeans", clustered split): run through the dense model one module at a time, each
+    module's weights read just before it runs (moeify/io/layerwise.py); the bytes read count in progress.
+    Same options and same result as `moeify.save(moeify.convert(model, config, calibration=...), out)`
+    (or `export_hf`). Returns the conversion's `ConversionReport`.
     """
     config = config_from_call(config, options)
-    _refuse_unstreamable(config)
+    _check_calibration(config, calibration)
     out = Path(out)
     if isinstance(source, nn.Module):
         structure, tensors, inputs = model_structure(source), ModelSource(source), ()
@@ -279,15 +307,24 @@ def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: 
     reader = TensorReader(tensors, structure, dtype)
     check_fits(structure, reader, label)
     _set_dtypes(structure, reader)
+    dense = meta_copy(structure) if calibration is not None else None  # the plan converts `structure`
     plan = plan_conversion(structure, reader, config)
     if fmt == "moeify":
         slots, origin, hf_cfg = plan.slots, plan.origin, None
     else:
         slots, origin, hf_cfg = hf_layout(plan, fmt)
+    phases = _Phases(progress, _dense_bytes(reader) if dense is not None else 0, sum(s.nbytes for s in slots))
+    recorded = None
+    if dense is not None:
+        _, _, sites = select_sites(dense, config)
+        recorded = calibrate_lazily(dense, sites, reader, calibration, on_load=phases.read,
+                                    in_memory_hint=_in_memory_hint(reader, slots))
+        del dense
     with atomic_output(out, directory=True, force=force, inputs=inputs) as tmp:
-        writer = ShardWriter(tmp, slots, max_shard_bytes, {"moeify_version": __version__}, progress)
+        writer = ShardWriter(tmp, slots, max_shard_bytes, {"moeify_version": __version__},
+                             phases.writing if progress is not None else None)
         try:
-            write_tensors(plan, slots, origin, reader, config, writer)
+            write_tensors(plan, slots, origin, reader, config, writer, recorded)
             files = writer.files()
             _finish(tmp, plan, fmt, hf_cfg, record, files, generation)
             copy_files(companions, tmp, skip={f.name for f in tmp.iterdir()})
@@ -297,6 +334,30 @@ def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: 
         finally:
             writer.abort()
     return conversion_report(plan.structure)
+
+
+def _dense_bytes(reader: TensorReader) -> int:
+    source = reader.source
+    return sum(math.prod(source.shape(n)) * reader.out_dtype(source.dtype(n)).itemsize
+               for n in source.names())
+
+
+class _Phases:
+    """One progress over the whole job: the dense bytes calibration reads (`read_total`, 0 without
+    calibration), then the output bytes written."""
+
+    def __init__(self, progress: Progress | None, read_total: int, write_total: int):
+        self.progress, self.read_total, self.write_total = progress, read_total, write_total
+        self.done_reading = 0
+
+    def read(self, nbytes: int) -> None:
+        self.done_reading = min(self.read_total, self.done_reading + nbytes)
+        if self.progress is not None:
+            self.progress(self.done_reading, self.read_total + self.write_total)
+
+    def writing(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(self.read_total + done, self.read_total + total)
 
 
 def _finish(tmp: Path, plan: Plan, fmt: str, hf_cfg, record: dict, files: list[str], generation) -> None:

@@ -92,15 +92,25 @@ def fill_from_partition(layer, dense: DenseFFNWeights, partition: Tensor, w2_sca
     """
     H = dense.d_ff
     E = layer.w1.shape[0]
+    every_unit = torch.arange(H)
     for e in range(E):
-        idx = partition[e].to(dense.w1.device)
-        rows = expert_rows(idx, H, dense.gated)
-        layer.w1[e].copy_(dense.w1[rows])
-        layer.w2[e].copy_(dense.w2[:, idx].float() * w2_scale)
+        if partition[e].shape[0] == H and torch.equal(partition[e].cpu(), every_unit):
+            w1, b1, w2 = dense.w1, dense.b1, dense.w2  # every unit in order (copy): no gather
+        else:
+            idx = partition[e].to(dense.w1.device)
+            rows = expert_rows(idx, H, dense.gated)
+            w1, w2 = dense.w1.index_select(0, rows), dense.w2.index_select(1, idx)
+            b1 = dense.b1.index_select(0, rows) if dense.b1 is not None else None
+        layer.w1[e].copy_(w1)
+        # a scale of 1 is exact: copied as it is, without a float32 round trip
+        layer.w2[e].copy_(w2 if w2_scale == 1.0 else w2.float() * w2_scale)
         if layer.b1 is not None:
-            layer.b1[e].copy_(dense.b1[rows]) if dense.b1 is not None else layer.b1[e].zero_()
+            layer.b1[e].copy_(b1) if b1 is not None else layer.b1[e].zero_()
         if layer.b2 is not None:
-            layer.b2[e].copy_(dense.b2.float() * b2_scale) if dense.b2 is not None else layer.b2[e].zero_()
+            if dense.b2 is None:
+                layer.b2[e].zero_()
+            else:
+                layer.b2[e].copy_(dense.b2 if b2_scale == 1.0 else dense.b2.float() * b2_scale)
 
 
 def tensor_stats(t: Tensor) -> tuple[float, float]:

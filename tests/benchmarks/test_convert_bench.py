@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/convert.py: --quick writes a synthetic checkpoint, converts it (moeify and
-mixtral formats), copies and loads the output, and prints the table (nothing about speed here)."""
+mixtral formats streamed, and in memory), copies and loads the output, and prints the table (nothing
+about speed here)."""
 
 import subprocess
 import sys
@@ -16,6 +17,6 @@ def test_convert_benchmark_quick_runs(tmp_path):
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     for row in ("runtime (imports)", "copy output bytes", "convert (moeify format)", "convert --format mixtral",
-                "moeify.load"):
+                "in memory (load+convert+save)", "moeify.load"):
         assert row in proc.stdout
     assert list(tmp_path.iterdir()) == []  # the checkpoint and outputs are removed

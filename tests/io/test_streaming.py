@@ -217,12 +217,6 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_kmeans_router_is_refused_with_what_to_do(tmp_path):
-    src = _checkpoint(tmp_path, "llama")
-    with pytest.raises(MoeifyError, match="in memory"):
-        convert_checkpoint(src, tmp_path / "out", experts=4, init={"init": "copy", "router_init": "kmeans"})
-
-
 # --- the command line --------------------------------------------------------------------------------
 
 
