@@ -75,7 +75,8 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0, timer: 
 
     The full expert weights of global rank 0 are scattered (so ranks need not agree on them beforehand):
     expert-parallel rank r keeps experts [r*E/P, (r+1)*E/P). Raises `ParallelError` when an expert count
-    is not divisible by P, for a mesh it cannot read, or when there is no MoE layer.
+    is not divisible by P, for a mesh it cannot read, for a router tied to its experts' weights
+    (`RouterCapabilities.reads_expert_weights`), or when there is no MoE layer.
     """
     group, _ = resolve_layout(group, mesh, bilevel)
     layers = moe_layers(model)
@@ -94,6 +95,10 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0, timer: 
         if bilevel:
             nodes = dist.get_world_size(stages[0])
             check_groups_fit_nodes(layer.router.caps.expert_groups, nodes, f"layer {name or '<root>'!r}")
+        if layer.router.caps.reads_expert_weights:  # a tied router needs every expert's w1 on every rank
+            raise ParallelError(f"the router of layer {name or '<root>'!r} routes on its experts' weights, "
+                                "which expert parallelism shards over ranks; use router='topk' with "
+                                "router_init='avg_k' (a learned router starting at the same mean keys)")
         if isinstance(layer.w1, DTensor):
             raise ParallelError(f"layer {name or '<root>'!r} is already sharded")
     for _, layer in layers:

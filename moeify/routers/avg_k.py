@@ -28,7 +28,8 @@ Two forms:
 - untied: `router="topk"` with `UpcycleConfig(router_init="avg_k")` for split or granular experts: a
   plain learned top-k router whose weight starts at these mean keys (`moeify.upcycle.router_init`).
 
-Expert parallelism shards w1 over ranks; the tied form needs every expert's keys and is not supported there.
+Expert parallelism shards w1 over ranks; the tied form needs every expert's keys, so `moeify.parallelize`
+refuses it (ParallelError naming the untied form).
 """
 
 from __future__ import annotations

@@ -241,6 +241,26 @@ def check_not_divisible(rank: int) -> None:
     raise AssertionError("no error for 3 experts on 2 ranks")
 
 
+def check_tied_router_refused(rank: int) -> None:
+    """A router that reads its layer's expert weights (Avg-K tied) cannot run on sharded w1: refused up front,
+    naming the layer and the untied alternative, and the model is left unsharded."""
+    from torch.distributed.tensor import DTensor
+
+    from moeify.parallel import ParallelError, parallelize
+
+    model = Tiny()
+    model.moe = MoELayer(MoEConfig(d_model=D, d_ff=H, num_experts=4, k=2, router="avg_k"))
+    try:
+        parallelize(model)
+    except ParallelError as e:
+        if "'moe'" not in str(e) or "router_init='avg_k'" not in str(e) or "\n" in str(e):
+            raise AssertionError(f"unclear message: {e}") from e
+        if isinstance(model.moe.w1, DTensor):
+            raise AssertionError("the refused model was sharded anyway") from e
+        return
+    raise AssertionError("no error for the tied avg_k router under expert parallelism")
+
+
 def worker(rank: int, outdir: Path) -> None:
     init_group(rank, WORLD, outdir)
     checks = {
@@ -252,6 +272,7 @@ def worker(rank: int, outdir: Path) -> None:
         "checkpoint_save": lambda: check_checkpoint_save(rank, outdir),
         "checkpoint_load": lambda: check_checkpoint_load(rank, outdir),
         "not_divisible": lambda: check_not_divisible(rank),
+        "tied_router_refused": lambda: check_tied_router_refused(rank),
     }
     run_checks(rank, outdir, checks)
 
@@ -297,6 +318,10 @@ def test_checkpoint_one_process_to_two_ranks(ep_run):
 
 def test_not_divisible_clear_error(ep_run):
     _verdict(ep_run, "not_divisible")
+
+
+def test_tied_router_refused(ep_run):
+    _verdict(ep_run, "tied_router_refused")
 
 
 def test_parallelize_needs_process_group():
