@@ -56,9 +56,10 @@ class RouterCapabilities:
     nothing dropped (what `moeify.lowering.ops.topk_moe` computes; the export feeds it the logits, not the
     router's forward). Hugging Face's MoE checkpoints (Mixtral, Qwen-MoE) route the same way from a linear
     gate, so `moeify.io.hf_export` asks for ORT_MOE as well (with `learned` and softmax scores). A fixed
-    rule (`learned=False`) claiming ORT_MOE promises instead that each token gets exactly `config.k` distinct
-    experts whose weights sum to 1, nothing dropped, in eval mode: the export feeds the op the log of those
-    weights with renormalisation (exact).
+    rule (`learned=False`) claiming ORT_MOE promises instead that each token gets exactly `active_experts`
+    (a whole number: `config.k`, or E for the random router's "mean" rule) distinct experts whose weights
+    sum to 1, nothing dropped, in eval mode: the export feeds the op the log of those weights with
+    renormalisation and k = active_experts (exact).
     """
 
     learned: bool

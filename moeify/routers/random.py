@@ -39,11 +39,12 @@ class RandomRouter(Router):
     @classmethod
     def capabilities(cls, config: MoEConfig) -> RouterCapabilities:
         # at inference: the hash rule reads the token ids and runs k experts (com.microsoft.MoE fed their log
-        # one-hot weights, as for the hash router); "mean" runs all E
+        # one-hot weights, as for the hash router); "mean" runs all E of weight 1/E (the op with k=E and equal
+        # router_probs)
         hashing = config.random_eval_rule == "hash"
         return dataclasses.replace(super().capabilities(config), reads_token_ids=hashing,
                                    active_experts=float(config.k if hashing else config.num_experts),
-                                   lowerings=(ORT_MOE, GROUPED_FFN) if hashing else (GROUPED_FFN,))
+                                   lowerings=(ORT_MOE, GROUPED_FFN))
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)

@@ -37,7 +37,8 @@ TABLE = [
     ("hash", {}, caps(learned=False, ids=True, lowerings=(ORT_MOE, GROUPED_FFN))),
     ("hash", {"k": 3}, caps(learned=False, ids=True, active=3.0, lowerings=(ORT_MOE, GROUPED_FFN))),
     ("random", {"k": 1}, caps(learned=False, ids=True, active=1.0, lowerings=(ORT_MOE, GROUPED_FFN))),
-    ("random", {"random_eval_rule": "mean"}, caps(learned=False, active=4.0)),  # every expert, no ids
+    ("random", {"random_eval_rule": "mean"},  # every expert, no ids: com.microsoft.MoE with k=E
+     caps(learned=False, active=4.0, lowerings=(ORT_MOE, GROUPED_FFN))),
     ("soft", {}, caps(soft=True, mixes=True, active=4.0, lowerings=(SOFT_EXPERTS,))),
     ("soft", {"slots_per_expert": 2, "k": 1},
      caps(soft=True, mixes=True, active=4.0, lowerings=(SOFT_EXPERTS,))),
@@ -82,6 +83,10 @@ def test_declarations_hold(row):
     if want.soft:
         return
     assert out.expert_idx.numel() / T == pytest.approx(want.active_experts)
+    if ORT_MOE in want.lowerings and not want.learned:  # the promise the fused export's log weights rely on
+        w = out.dense_weights(T, E)  # [T, E]
+        assert bool(((w > 0).sum(dim=1) == want.active_experts).all())
+        assert torch.allclose(w.sum(dim=1), torch.ones(T))
     group = out.expert_idx // (E // want.expert_groups)  # [N] the group of each assignment
     groups_per_token = [len(set(group[out.token_idx == t].tolist())) for t in range(T)]
     assert (max(groups_per_token) == 1) >= (want.expert_groups > 1)  # grouped: one group a token

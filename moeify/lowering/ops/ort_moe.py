@@ -27,15 +27,16 @@ Scoring: softmax scores map directly. Sigmoid scores with renormalisation map to
   router_probs = log(sigmoid(logits)) makes the op's softmax-then-renormalise give
   sigmoid_i / sum_topk sigmoid_j, and top-k of log-sigmoid is top-k of sigmoid (monotone).
 
-Fixed rules (hash routing; the random router at inference with its hash rule): the router lists ORT_MOE
-when every token gets exactly k distinct experts whose weights sum to 1 (`RouterCapabilities`). The op is
-fed router_probs = log(weights) [T, E], NEVER_CHOSEN where a token does not go, with
+Fixed rules (hash routing; the random router at inference, hash or mean rule): the router lists ORT_MOE
+when every token gets exactly k = `RouterCapabilities.active_experts` distinct experts whose weights sum
+to 1. The op is fed router_probs = log(weights) [T, E], NEVER_CHOSEN where a token does not go, with
 normalize_routing_weights=1: softmax gives back the weights on the chosen experts (exp(-1e4) is 0), their
 top k are the chosen ones and renormalising keeps them. For hash routing the weights are one-hot (1/k each)
 on the experts the router gathered from the token ids (`table[input_ids]` or the permutation hash), so this
 is log(one_hot(table[input_ids])), computed in the graph from the model's input_ids (convert wires them to
-the layers), exact for every id. The same log one-hot logits feed MoE/QMoE in the GenAI route
-(`moeify.genai.router_logits`), there as a [V, E] table.
+the layers), exact for every id. The random router's "mean" rule (every expert, weight 1/E) is the op with
+k=E and equal router_probs (log(1/E) each): softmax gives 1/E, the top E are all of them. The same log
+one-hot logits feed MoE/QMoE in the GenAI route (`moeify.genai.router_logits`), there as a [V, E] table.
 Measured (onnxruntime 1.31 CPU): -inf instead of NEVER_CHOSEN also gives exact outputs; NEVER_CHOSEN is
 kept because it is finite in fp16 too, and -inf was not measured on other providers (CUDA).
 
@@ -117,13 +118,14 @@ def experts(layer, x: Tensor, routing) -> Tensor:
     A learned router: the op routes again from the router's logits (the router's own top-k then feeds
     nothing and the exporter drops it). A fixed rule: the op gets the log of the routing's weights and
     renormalises (see the module docstring)."""
-    cfg = layer.config
-    if layer.router.caps.learned:
-        logits, normalize, score_fn = routing.logits, cfg.normalize, cfg.score_fn
+    cfg, caps = layer.config, layer.router.caps
+    if caps.learned:
+        logits, normalize, score_fn, k = routing.logits, cfg.normalize, cfg.score_fn, cfg.k
     else:
         weights = routing.dense_weights(x.shape[0], cfg.num_experts)  # [T, E]
         logits, normalize, score_fn = log_weights(weights), True, "softmax"
-    return topk_moe(x, logits, layer.w1, layer.b1, layer.w2, layer.b2, cfg.k, normalize,
+        k = int(caps.active_experts)  # experts per token: config.k, or E for a rule using every expert
+    return topk_moe(x, logits, layer.w1, layer.b1, layer.w2, layer.b2, k, normalize,
                     score_fn, cfg.activation, cfg.gated)  # [T, D]
 
 
