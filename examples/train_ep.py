@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 examples/train_ep.py            # CPU: gloo; GPUs: NCCL, one per rank
     torchrun --nproc-per-node 2 examples/train_ep.py --quick    # a few seconds
     torchrun --nproc-per-node 4 examples/train_ep.py --mesh 2x2 --quick   # DP 2 x EP 2
+    torchrun --nproc-per-node 4 examples/train_ep.py --mesh 2x2 --router smile --quick   # SMILE, 2 nodes x 2
 
 A small dense decoder is trained for a few steps, its FFNs are upcycled into MoE layers (copy init: every
 expert starts as the dense FFN, so the model computes the same function), then `moeify.parallelize`
@@ -10,6 +11,11 @@ shards the experts over the ranks (each rank keeps E/P of them) and wraps the re
 trains on its own batches of a synthetic next-token task; the script prints the loss and, per rank, how
 many token assignments each of its local experts processed (from every rank), then saves a DCP
 checkpoint that any number of processes can load.
+
+`--router smile` routes with SMILE's bi-level router (a node, then experts inside it; `router_groups` = the
+mesh's node count A) over an A x B ('node', 'local') mesh with `bilevel=True`: each token crosses to one
+node only. Its combine weights are not renormalised, so unlike top-k the upcycled copies do not reproduce
+the dense model exactly at step 0.
 """
 
 from __future__ import annotations
@@ -71,12 +77,13 @@ def lm_loss(model, tokens):
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def upcycle(model: TinyLM, num_experts: int, k: int) -> None:
+def upcycle(model: TinyLM, num_experts: int, k: int, router: str = "topk", router_groups: int = 1) -> None:
     """Replace every block's dense FFN by an MoE layer whose experts are copies of it."""
     for block in model.blocks:
         up, down = block.ffn[0], block.ffn[2]
         cfg = moeify.MoEConfig(d_model=up.in_features, d_ff=up.out_features, num_experts=num_experts, k=k,
-                               activation="gelu", gated=False, bias=True)
+                               activation="gelu", gated=False, bias=True, router=router,
+                               router_groups=router_groups)
         # no capacity_factor: in a causal decoder a capacity limit would let a later token's choice drop an
         # earlier token's, so moeify refuses it there (MoELayer(causal=True) raises ConfigError)
         moe = moeify.MoELayer(cfg, causal=True).to(up.weight.device)
@@ -96,7 +103,13 @@ def main() -> None:
                     help="2-D mesh: A data-parallel replicas x B expert-parallel ranks (with --bilevel: "
                          "A nodes x B ranks per node); default: experts sharded over all ranks")
     ap.add_argument("--bilevel", action="store_true", help="with --mesh: node, then local exchange")
+    ap.add_argument("--router", choices=("topk", "smile"), default="topk",
+                    help="smile: SMILE's bi-level router (needs --mesh AxB; implies --bilevel, A nodes)")
     args = ap.parse_args()
+    if args.router == "smile":
+        if args.mesh is None:
+            ap.error("--router smile needs --mesh AxB (A nodes x B ranks per node)")
+        args.bilevel = True
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -122,12 +135,13 @@ def main() -> None:
         loss.backward()
         opt.step()
     # 2. upcycle and shard the experts: rank r keeps experts [r*E/P, (r+1)*E/P)
-    upcycle(model, args.experts, k=2)
+    shape = None if args.mesh is None else tuple(int(n) for n in args.mesh.lower().split("x"))
+    groups = shape[0] if args.router == "smile" else 1  # SMILE: one expert group per node
+    upcycle(model, args.experts, k=2, router=args.router, router_groups=groups)
     ep_mesh = None
-    if args.mesh is not None:
+    if shape is not None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        shape = tuple(int(n) for n in args.mesh.lower().split("x"))
         names = ("node", "local") if args.bilevel else ("dp", "ep")
         ep_mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     model = moeify.parallelize(model, dp="ddp", ep_mesh=ep_mesh, bilevel=args.bilevel)
@@ -136,8 +150,8 @@ def main() -> None:
     per_rank = args.experts // moe_layers[0].expert_parallel.world_size  # E/P
     if rank == 0:
         backend = "nccl" if cuda else "gloo"
-        print(f"{world} ranks ({backend}, mesh {args.mesh or world}), {layers} MoE layers x "
-              f"{args.experts} experts ({per_rank} per rank), dense loss {loss.item():.3f}", flush=True)
+        print(f"{world} ranks ({backend}, mesh {args.mesh or world}, router {args.router}), {layers} MoE "
+              f"layers x {args.experts} experts ({per_rank} per rank), dense loss {loss.item():.3f}", flush=True)
 
     load = torch.zeros(len(moe_layers), per_rank, dtype=torch.long)  # [layers, E/P]
     for step in range(moe_steps):
