@@ -216,6 +216,8 @@ WAYS: dict[str, Way] = {
     "moeify convert MODEL --experts 64": Way(_moeify, "converted"),
     CONVERT_OUT: Way(_moeify, "converted", writes="out"),
     "moeify convert moeify.zoo:tiny_bert -e 8 --capacity-factor 1.25 -o bert-moe": Way(_moeify, "converted"),
+    "moeify convert moeify.zoo:tiny_llama -e 8 --router smile --router-groups 2 -o llama-smile":
+        Way(_moeify, "converted"),
     "moeify convert MODEL --config moe.yaml --seed 1": Way(_moeify_config, "converted"),
     "moeify verify MODEL OUT [--atol 1e-4]": Way(_moeify, "difference", after=CONVERT_OUT),
     "python -m moeify ...": Way(_python_m_moeify, "Usage"),

@@ -41,9 +41,10 @@ def convert_config(config_file: Path | None, flags: dict, given: set[str]):
                                "\"experts\" in the --config file)")
     if "k" in given or "k" not in data:  # --k, else the file's k, else 2 (at most the experts)
         data["k"] = check_k(flags["k"], data["experts"] if isinstance(data["experts"], int) else None)
-    if "capacity_factor" in given:
-        layer = data.get("layer") if isinstance(data.get("layer"), dict) else {}
-        data["layer"] = {**layer, "capacity_factor": flags["capacity_factor"]}
+    for name in ("capacity_factor", "router_groups"):  # MoEConfig fields: into the layer options
+        if name in given:
+            layer = data.get("layer") if isinstance(data.get("layer"), dict) else {}
+            data["layer"] = {**layer, name: flags[name]}
     try:
         return ConvertConfig.from_dict(data)
     except ConfigError as e:
@@ -100,6 +101,8 @@ class LazyChoice(click.Choice):
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip FFNs whose module path matches.")
 @click.option("--capacity-factor", type=click.FloatRange(min=0, min_open=True), metavar="F",
               help="Cap tokens per expert at F * tokens * k / experts (default: no cap, no token dropped).")
+@click.option("--router-groups", type=click.IntRange(min=1), metavar="N",
+              help="--router smile: N nodes (expert groups); a token's experts lie in one (default 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for router and expert init.")
 @click.option("--share-router", is_flag=True,
               help="Omni-router: one router for all converted FFNs of the same width.")
@@ -128,8 +131,8 @@ moeify convert moeify.zoo:tiny_llama --config moe.yaml --seed 3    # the file's 
 @click.pass_context
 def convert(ctx: click.Context, model: str, config_file: Path | None, experts: int | None, router: str,
             k: int | None, init: str, every: int, include: tuple[str, ...], exclude: tuple[str, ...],
-            capacity_factor: float | None, seed: int, share_router: bool, output: Path | None, fmt: str,
-            force: bool, dtype: str | None, shard_size: str, stream: bool, arch: str | None,
+            capacity_factor: float | None, router_groups: int | None, seed: int, share_router: bool,
+            output: Path | None, fmt: str, force: bool, dtype: str | None, shard_size: str, stream: bool, arch: str | None,
             trust_pickle: bool) -> None:
     """Convert the FFNs of MODEL into Mixture-of-Experts layers and write the result to OUT.
 
@@ -145,8 +148,8 @@ def convert(ctx: click.Context, model: str, config_file: Path | None, experts: i
     from moeify.report import count_params
 
     flags = dict(experts=experts, router=router, k=k, init=init, every=every, include=list(include) or None,
-                 exclude=list(exclude) or None, capacity_factor=capacity_factor, seed=seed,
-                 share_router=share_router)
+                 exclude=list(exclude) or None, capacity_factor=capacity_factor, router_groups=router_groups,
+                 seed=seed, share_router=share_router)
     given = {name for name in flags if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
     config = convert_config(config_file, flags, given)
     out = output if output is not None else default_output(model, config.experts)

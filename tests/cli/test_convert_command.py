@@ -60,6 +60,26 @@ def test_convert_capacity_factor(run, tmp_path):
     assert len(layers) == 3 and all(m.config.capacity_factor == 1.5 for m in layers)
 
 
+def test_convert_router_groups(run, tmp_path):
+    """--router-groups reaches MoEConfig.router_groups (SMILE: a token's experts inside one of N nodes)."""
+    result = run("convert", "moeify.zoo:tiny_mlp", "-e", "4", "--router", "smile", "--router-groups", "2",
+                 "-o", "out")
+    assert result.exit_code == 0, result.output
+    layers = [m for m in moeify.load(tmp_path / "out").modules() if isinstance(m, moeify.MoELayer)]
+    assert len(layers) == 3 and all(m.config.router_groups == 2 and m.router.caps.expert_groups == 2
+                                    for m in layers)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--router", "topk", "--router-groups", "2"], "does not route by expert groups"),  # MoEConfig refuses
+    (["--router", "smile", "--router-groups", "3"], "divisible by router_groups (3)"),
+])
+def test_convert_router_groups_refused(run, tmp_path, args, says):
+    result = run("convert", "moeify.zoo:tiny_mlp", "-e", "4", *args, "-o", "out")
+    assert result.exit_code == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_option_the_model_refuses_is_a_usage_error(run, tmp_path):
     result = run("convert", "moeify.zoo:tiny_llama", "-e", "4", "--capacity-factor", "1.5", "-o", "out")
     assert result.exit_code == 2 and "causal" in result.stderr
