@@ -28,7 +28,7 @@ from torch import nn
 from moeify.errors import MoeifyError
 from moeify.layer import MoELayer
 from moeify.plot import expert_load_heatmap, summarize_load
-from moeify.stats import routing_stats
+from moeify.last_forward import routing_stats
 
 try:
     from transformers import TrainerCallback
