@@ -123,7 +123,8 @@ def experts(layer, x: Tensor, routing) -> Tensor:
     else:
         weights = routing.dense_weights(x.shape[0], cfg.num_experts)  # [T, E]
         logits, normalize, score_fn = log_weights(weights), True, "softmax"
-    return topk_moe(x, logits, layer.w1, layer.b1, layer.w2, layer.b2, cfg.k, normalize,
+    w1, w2 = layer.expert_weights()  # [E, H1, D], [E, D, H]
+    return topk_moe(x, logits, w1, layer.b1, w2, layer.b2, cfg.k, normalize,
                     score_fn, cfg.activation, cfg.gated)  # [T, D]
 
 
