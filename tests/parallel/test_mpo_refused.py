@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 WORKER = textwrap.dedent("""
     import datetime, sys, torch.distributed as dist
     import moeify
@@ -22,6 +24,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_shard_experts_refuses_mpo_experts(tmp_path):
     proc = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path / "store")], capture_output=True,
                           text=True, timeout=120)
