@@ -177,7 +177,9 @@ class MoELayer(nn.Module):
     def expert_keys(self) -> dict:
         """Extra router arguments for a router tied to the experts (`reads_expert_weights`, Avg-K): this
         layer's first-layer weights `expert_w1` [E, H1, D]."""
-        return {"expert_w1": self.w1} if self.router.caps.reads_expert_weights else {}
+        if not self.router.caps.reads_expert_weights:
+            return {}
+        return {"expert_w1": self.mpo.w1() if self.config.expert_param == "mpo" else self.w1}  # [E, H1, D]
 
     def _record(self, routing, num_tokens: int) -> None:
         """Keep this forward's aux loss and statistics on the layer (not in any global)."""
