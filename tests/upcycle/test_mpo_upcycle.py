@@ -44,7 +44,7 @@ def test_truncated_bond_reports_its_error_and_claims_no_preservation():
     upcycle_layer(layer, DenseFFNWeights.from_module(ffn), ucfg)
     with torch.no_grad():
         w1, _ = layer.expert_weights()
-    manual = float(torch.linalg.norm(w1[0] - ffn.w1) / torch.linalg.norm(ffn.w1))
+        manual = float(torch.linalg.norm(w1[0] - ffn.w1) / torch.linalg.norm(ffn.w1))
     assert layer.mpo.w1.truncation_error == pytest.approx(manual, rel=1e-4)
     assert manual > 0.05
     assert not preserves_config(ucfg, layer.config)
