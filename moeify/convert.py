@@ -209,7 +209,7 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
                              activation=activation)
         except ConfigError as exc:
             raise ConfigError(f"FFN {m.name!r}: {exc}") from None
-        if config.init.init != "none":  # the upcycling fills them
+        if config.init.init != "none" and cfg.expert_param == "dense":  # the upcycling fills them
             _final_storage(layer, dense.w1.device, dense.w1.dtype, spare)
         layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
         layer.train(site.cand.cap.module.training)  # an eval-mode model gets eval-mode layers
