@@ -32,7 +32,8 @@ one of two training protocols (`--protocol`, default both):
                gradients (read + write of each weight's gradient; its floor counts that).
 
 Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] [--gated] [--no-recycle]
-     [--protocol set_to_none|accumulate|both]
+     [--protocol set_to_none|accumulate|both] [--mpo]
+`--mpo` adds a table for MPO experts (expert_param="mpo"): benchmarks/mpo_experts.py.
 (glibc settings change the fresh-memory costs: see the README's speed section.)
 `--device cuda` runs the GPU table instead (bfloat16, achieved TFLOP/s, the issue's shapes): see
 benchmarks/moe_layer_gpu.py.
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="both",
                         help="training protocol(s) of the fwd+bwd rows: set_to_none (zero_grad every step), "
                              "accumulate (gradient accumulation, no zero_grad), both (default)")
+    parser.add_argument("--mpo", action="store_true",
+                        help="also time MPO experts (expert_param='mpo'): materialised vs contracted on the fly")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the GPU table in bfloat16 with TFLOP/s (benchmarks/moe_layer_gpu.py)")
     args = parser.parse_args(argv)
@@ -274,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     Console(width=200).print(table)
     print(f"floor: memory bandwidth measured at the start, read {read_bw / 1e9:.1f} GB/s, "
           f"write {write_bw / 1e9:.1f} GB/s")
+    if args.mpo:
+        from mpo_experts import mpo_table  # benchmarks/ is on sys.path when run as a script
+
+        Console(width=200).print(mpo_table(args.quick, repeats))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ CONFIG_VERSION = 1
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 RANDOM_EVAL_RULES = ("hash", "mean")
 SOFT_GROUPS = ("batch", "sequence")
+EXPERT_PARAMS = ("dense", "mpo")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class MoEConfig(JsonConfig):
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
     router_dtype: str = "float32"  # router math runs in this dtype whatever the model dtype
+    # --- how expert weights are stored (MPOE, Gao et al. 2022: see moeify/mpo_experts.py)
+    expert_param: str = "dense"  # "dense": stacked matrices; "mpo": MPOs sharing one central tensor
+    mpo_cores: int = 3  # tensors per MPO (odd; the middle one is the shared central tensor; the paper: 5)
+    mpo_bond: int | None = None  # bond dimension cap; None = full bond (exact decomposition)
+    mpo_grad_mask: float = 0.0  # probability of dropping each central-tensor gradient entry (paper: p_M)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -131,6 +137,18 @@ class MoEConfig(JsonConfig):
         one_of("router_dtype", ("float32", "float64"))
         if self.router_groups > 1:
             self._check_router_groups(need)
+        one_of("expert_param", EXPERT_PARAMS)
+        need(is_int(self.mpo_cores) and self.mpo_cores >= 3 and self.mpo_cores % 2 == 1,
+             f"mpo_cores must be an odd integer >= 3 (the middle tensor is the shared one), "
+             f"got {self.mpo_cores!r}")
+        need(self.mpo_bond is None or (is_int(self.mpo_bond) and self.mpo_bond >= 1),
+             f"mpo_bond must be an integer >= 1 (or None for the full, exact bond), got {self.mpo_bond!r}")
+        need(is_number(self.mpo_grad_mask) and 0 <= self.mpo_grad_mask <= 1,
+             f"mpo_grad_mask must be a probability in [0, 1], got {self.mpo_grad_mask!r}")
+        need(self.expert_param == "mpo"
+             or (self.mpo_cores == 3 and self.mpo_bond is None and self.mpo_grad_mask == 0),
+             'mpo_cores, mpo_bond and mpo_grad_mask apply to MPO experts only: set expert_param="mpo" '
+             "or leave them at their defaults")
         need(
             self.version == CONFIG_VERSION,
             f"config version {self.version!r} is not supported by this moeify (expects {CONFIG_VERSION}); "

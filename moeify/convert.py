@@ -25,6 +25,7 @@ from moeify.convert_config import ConvertConfig, config_from_call
 from moeify.errors import MoeifyError
 from moeify.integrations.aux_loss import install_aux_loss_hook, remove_aux_loss_hook
 from moeify.layer import MoELayer
+from moeify.mpo_experts import mpo_report, mpo_shapes
 from moeify.passes import (
     Analyse,
     Analysis,
@@ -86,8 +87,12 @@ def _expert_width(config: ConvertConfig, site: Site) -> int:
 
 
 def _expert_params(cfg: MoEConfig) -> int:
+    """One routed expert's own parameters (an MPO expert's: its auxiliary tensors; the central is shared)."""
     h1 = cfg.expert_in_width
-    return h1 * cfg.d_model + cfg.d_model * cfg.d_ff + ((h1 + cfg.d_model) if cfg.bias else 0)
+    bias = (h1 + cfg.d_model) if cfg.bias else 0
+    if cfg.expert_param == "mpo":
+        return sum(s.aux_params for s in mpo_shapes(cfg)) + bias
+    return h1 * cfg.d_model + cfg.d_model * cfg.d_ff + bias
 
 
 def convert(
@@ -204,7 +209,7 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
                              activation=activation)
         except ConfigError as exc:
             raise ConfigError(f"FFN {m.name!r}: {exc}") from None
-        if config.init.init != "none":  # the upcycling fills them
+        if config.init.init != "none" and cfg.expert_param == "dense":  # the upcycling fills them
             _final_storage(layer, dense.w1.device, dense.w1.dtype, spare)
         layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
         layer.train(site.cand.cap.module.training)  # an eval-mode model gets eval-mode layers
@@ -280,6 +285,7 @@ def _report(model, analysis, layers, params_before: int, *, config: ConvertConfi
                 params_before=m.dense_params,
                 params_after=after,
                 active_params_per_token=after - idle,
+                mpo=mpo_report(layer) if cfg.expert_param == "mpo" else None,
             )
         )
     params_after = count_params(model)

@@ -6,6 +6,8 @@ else H, E experts, N assignments.
 Expert weights are stacked tensors in the layout ONNX Runtime's MoE op takes:
   w1 [E, H1, D] (first projection; gated: rows [0, H) are the gate, [H, 2H) the up projection)
   w2 [E, D, H]  (down projection)
+With `expert_param="mpo"` (MPOE) they are not stored: `mpo` (`MPOExperts`) holds their MPO tensors and
+`expert_weights()` contracts them into these stacks once per forward.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from moeify.dense_ffn import DenseFFN
 from moeify.deprecation import moved
 from moeify.dispatch import grouped_ffn, soft_experts
 from moeify.lowering.context import export_target
+from moeify.mpo_experts import MPOExperts
 from moeify.routers import Router, build_router
 from moeify.routing import Routing, SoftRouting
 from moeify.stats import RoutingStats
@@ -74,13 +77,16 @@ class MoELayer(nn.Module):
         self.causal = causal
         E, D, H = config.num_experts, config.d_model, config.d_ff
         H1 = config.expert_in_width
-        self.w1 = nn.Parameter(torch.empty(E, H1, D))  # [E, H1, D]
-        self.w2 = nn.Parameter(torch.empty(E, D, H))  # [E, D, H]
+        if config.expert_param == "mpo":
+            self.mpo = MPOExperts(config, init=init_experts)  # w1, w2 as MPOs sharing their central tensors
+        else:
+            self.w1 = nn.Parameter(torch.empty(E, H1, D))  # [E, H1, D]
+            self.w2 = nn.Parameter(torch.empty(E, D, H))  # [E, D, H]
+            if init_experts:
+                nn.init.normal_(self.w1, std=1.0 / math.sqrt(D))
+                nn.init.normal_(self.w2, std=1.0 / math.sqrt(H))
         self.b1 = nn.Parameter(torch.zeros(E, H1)) if config.bias else None  # [E, H1]
         self.b2 = nn.Parameter(torch.zeros(E, D)) if config.bias else None  # [E, D]
-        if init_experts:
-            nn.init.normal_(self.w1, std=1.0 / math.sqrt(D))
-            nn.init.normal_(self.w2, std=1.0 / math.sqrt(H))
         self.shared = None
         if config.num_shared_experts > 0:
             width = config.num_shared_experts * (config.shared_d_ff or H)
@@ -100,6 +106,20 @@ class MoELayer(nn.Module):
     def expert_activation(self) -> Activation:
         """What the experts apply: the activation module when given one, else the config's name."""
         return self.activation if self.activation is not None else self.config.activation
+
+    def expert_weights(self) -> tuple[Tensor, Tensor]:
+        """The routed experts' stacked weights (w1 [E, H1, D], w2 [E, D, H]): the parameters themselves, or
+        with MPO experts the matrices contracted from their tensors (differentiable, made on each call)."""
+        if self.config.expert_param == "mpo":
+            return self.mpo()
+        return self.w1, self.w2
+
+    def __getattr__(self, name: str):
+        # An MPO layer has no w1/w2 parameters: say what to read instead of "has no attribute".
+        if name in ("w1", "w2") and "mpo" in self.__dict__.get("_modules", {}):
+            raise AttributeError(f"this MoELayer stores its experts as MPO tensors (expert_param='mpo'): it has "
+                                 f"no {name} parameter; read layer.expert_weights() for the contracted stacks")
+        return super().__getattr__(name)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """x [..., D] -> [..., D]: route, run the routed experts, add the shared experts.
@@ -138,11 +158,12 @@ class MoELayer(nn.Module):
         """The routed experts on this process: x [T, D] -> [T, D]."""
         cfg, act = self.config, self.expert_activation
         dropout = cfg.expert_dropout if self.training else 0.0  # expert dropout (Switch §2.4): training only
+        w1, w2 = self.expert_weights()  # [E, H1, D], [E, D, H]
         if isinstance(routing, SoftRouting):
-            return soft_experts(x, routing.dispatch, routing.combine, self.w1, self.b1, self.w2, self.b2,
+            return soft_experts(x, routing.dispatch, routing.combine, w1, self.b1, w2, self.b2,
                                 act, cfg.gated, impl=self.dispatch_impl, dropout=dropout)  # [T, D]
-        return grouped_ffn(x, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype), self.w1,
-                           self.b1, self.w2, self.b2, act, cfg.gated, impl=self.dispatch_impl,
+        return grouped_ffn(x, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype), w1,
+                           self.b1, w2, self.b2, act, cfg.gated, impl=self.dispatch_impl,
                            dropout=dropout)  # [T, D]
 
     def routing_groups(self, lead: tuple[int, ...]) -> dict:
@@ -156,7 +177,9 @@ class MoELayer(nn.Module):
     def expert_keys(self) -> dict:
         """Extra router arguments for a router tied to the experts (`reads_expert_weights`, Avg-K): this
         layer's first-layer weights `expert_w1` [E, H1, D]."""
-        return {"expert_w1": self.w1} if self.router.caps.reads_expert_weights else {}
+        if not self.router.caps.reads_expert_weights:
+            return {}
+        return {"expert_w1": self.mpo.w1() if self.config.expert_param == "mpo" else self.w1}  # [E, H1, D]
 
     def _record(self, routing, num_tokens: int) -> None:
         """Keep this forward's aux loss and statistics on the layer (not in any global)."""
@@ -181,7 +204,8 @@ class MoELayer(nn.Module):
         c = self.config
         return (f"d_model={c.d_model}, d_ff={c.d_ff}, experts={c.num_experts}, k={c.k}, router={c.router}, "
                 f"activation={c.activation}{' (gated)' if c.gated else ''}, bias={c.bias}, "
-                f"shared={c.num_shared_experts}")
+                f"shared={c.num_shared_experts}"
+                + (f", experts as MPO (cores={c.mpo_cores}, bond={c.mpo_bond})" if c.expert_param == "mpo" else ""))
 
 
 __getattr__ = moved(__name__, {"aux_loss": "moeify.last_forward:aux_loss"})

@@ -28,6 +28,25 @@ REPORT_ATTR = "_moeify_report"
 
 
 @dataclass(frozen=True)
+class MPOReport:
+    """MPO experts (expert_param="mpo"): where their parameters are and how exact the decomposition is.
+
+    Expert weights = `central` + num_experts * `aux_per_expert` (over w1 and w2: for each matrix
+    |G_c| + E * sum_{k != c} |G_k|, |G_k| = r_{k-1} o_k i_k r_k), biases E * (H1 + D) beside them.
+    """
+
+    cores: int
+    bond: int | None  # the cap; None = full bond
+    central: int  # shared central tensors of w1 and w2
+    aux_per_expert: int  # one expert's auxiliary tensors of w1 and w2
+    truncation_error: tuple[float, float] | None  # ||W - MPO(W)||_F / ||W||_F for w1, w2 (None: not upcycled)
+
+    def formula(self, num_experts: int) -> str:
+        return (f"{self.central:,} + {num_experts} x {self.aux_per_expert:,} = "
+                f"{self.central + num_experts * self.aux_per_expert:,}")
+
+
+@dataclass(frozen=True)
 class FFNReport:
     name: str
     d_model: int
@@ -43,6 +62,7 @@ class FFNReport:
     params_before: int  # the dense FFN's weights and biases
     params_after: int  # the MoE layer's (experts, router, shared experts)
     active_params_per_token: int  # router + shared + k experts
+    mpo: MPOReport | None = None  # MPO experts only
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,12 @@ class ConversionReport:
                 f"{f.num_experts:>3} {f.k:>2} {f.params_before:>10,} {f.params_after:>10,} "
                 f"{f.active_params_per_token:>10,}"
             )
+        for f in self.ffns:
+            if f.mpo is not None:
+                err = ("not upcycled" if f.mpo.truncation_error is None else
+                       "truncation error w1 {:.2e}, w2 {:.2e}".format(*f.mpo.truncation_error))
+                lines.append(f"  {f.name or '<model>'}: MPO experts (cores={f.mpo.cores}, bond={f.mpo.bond}): "
+                             f"central + E x aux = {f.mpo.formula(f.num_experts)} expert weights; {err}")
         lines.append(
             f"model: {self.params_before:,} -> {self.params_after:,} parameters, "
             f"{self.active_params_per_token:,} active per token  (* = gated)"

@@ -83,7 +83,7 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0, timer: 
     if not layers:
         raise ParallelError("the model has no MoELayer to shard; convert it to MoE first")
     if mesh is None:
-        mesh = DeviceMesh.from_group(group, layers[0][1].w1.device.type)
+        mesh = DeviceMesh.from_group(group, next(layers[0][1].parameters()).device.type)
         placements, stages, dp_group = [Shard(0)], [group], None
     else:
         placements, stages, dp_group = _mesh_layout(mesh, bilevel)
@@ -92,6 +92,10 @@ def shard_experts(model: nn.Module, group=None, grad_scale: float = 1.0, timer: 
         world *= dist.get_world_size(g)
     for name, layer in layers:  # validate everything before changing anything
         check_divisible(layer.num_experts, world, f"layer {name or '<root>'!r}")
+        if layer.config.expert_param != "dense":
+            raise ParallelError(f"layer {name or '<root>'!r} has MPO experts (expert_param='mpo'), which are not "
+                                "expert-parallel yet (their central tensor is shared by all experts); train it "
+                                "with data parallelism, or convert with expert_param='dense'")
         if bilevel:
             nodes = dist.get_world_size(stages[0])
             check_groups_fit_nodes(layer.router.caps.expert_groups, nodes, f"layer {name or '<root>'!r}")

@@ -59,5 +59,8 @@ def preserves(init: str | UpcycleConfig, router: str = "topk", k: int = 2, num_e
 
 
 def preserves_config(upcycle: UpcycleConfig, moe: MoEConfig) -> bool:
-    """`preserves` for an `UpcycleConfig` and the `MoEConfig` of the layer it fills: the router's claim."""
+    """`preserves` for an `UpcycleConfig` and the `MoEConfig` of the layer it fills: the router's claim.
+    MPO experts are exact copies only at full bond (mpo_bond=None); then the router's claim for "copy"."""
+    if moe.expert_param == "mpo" and moe.mpo_bond is not None:
+        return False
     return router_class(moe.router).preserves_dense(upcycle, moe)

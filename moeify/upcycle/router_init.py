@@ -38,7 +38,7 @@ def init_router(layer, cfg, calibration: Tensor | None, gen: torch.Generator, gr
     weight = getattr(layer.router, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return "untouched (router has no learned weight)"
-    E, D = layer.w1.shape[0], layer.w1.shape[2]
+    E, D = layer.config.num_experts, layer.config.d_model
     rows = weight.shape[0]
     # a bi-level router's rows are gates over nodes and over a node's experts, not one row per expert
     per_expert = rows == E and layer.router.caps.expert_groups == 1

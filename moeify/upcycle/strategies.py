@@ -14,6 +14,7 @@ from moeify.upcycle.config import DenseFFNWeights, UpcycleConfig, UpcycleError
 from moeify.upcycle.copying import upcycle_copy
 from moeify.upcycle.drop import upcycle_drop
 from moeify.upcycle.granular import check_granularity, upcycle_granular
+from moeify.upcycle.mpo import upcycle_mpo
 from moeify.upcycle.noise import upcycle_noise
 from moeify.upcycle.router_init import init_router
 from moeify.upcycle.split import check_split, upcycle_split
@@ -73,6 +74,8 @@ def upcycle_layer(layer, dense: DenseFFNWeights, cfg: UpcycleConfig, calibration
                   key: int | str = 0) -> UpcycleResult:
     """Fill layer.w1/b1/w2/b2 and the router from `dense`, in place; returns what was done.
 
+    MPO experts (`expert_param="mpo"`) take init="copy" only: `moeify.upcycle.mpo`.
+
     Args:
         layer: a `MoELayer` built for the strategy (d_ff = `expert_d_ff(cfg, dense.d_ff, E)`, same
             d_model, activation and gating as the dense FFN; bias=True when the dense FFN has biases).
@@ -91,7 +94,10 @@ def upcycle_layer(layer, dense: DenseFFNWeights, cfg: UpcycleConfig, calibration
     if cfg.init == "none":
         return UpcycleResult(init="none")
     _check_fit(layer, dense, cfg)
-    result = STRATEGIES[cfg.init](layer, dense, cfg, calibration, make_generator(cfg.seed, key, "experts"))
+    if layer.config.expert_param == "mpo":
+        result = upcycle_mpo(layer, dense, cfg)
+    else:
+        result = STRATEGIES[cfg.init](layer, dense, cfg, calibration, make_generator(cfg.seed, key, "experts"))
     groups = cfg.granularity if cfg.init == "granular" else 1
     result.router_init = init_router(layer, cfg, calibration, make_generator(cfg.seed, key, "router"),
                                      groups)

@@ -106,3 +106,23 @@ def test_gpu_table_code_runs_on_cpu():
     for column in moe_layer_gpu.COLUMNS:
         assert column in text
     assert "gemm [64, 32] @ [32, 128]" in text and text.count("fwd+bwd") == 2
+
+
+def test_mpo_benchmark_ways_agree_and_time_all_contenders():
+    """benchmarks/mpo_experts.py: the on-the-fly MPO contraction computes the MPO layer's function (run_case
+    raises otherwise) and every contender is timed in both passes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mpo_experts
+
+    result = mpo_experts.run_case(T=16, E=4, k=2, d_model=8, d_ff=12, repeats=1)
+    assert set(result) == {"forward", "fwd+bwd"}
+    for times in result.values():
+        assert set(times) == {"stacked", "materialise", "on the fly"} and all(t > 0 for t in times.values())
+
+
+@pytest.mark.slow
+def test_moe_layer_benchmark_mpo_table_quick_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--quick", "--protocol",
+                           "set_to_none", "--mpo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "MPO experts" in proc.stdout and "on the fly/materialise" in proc.stdout

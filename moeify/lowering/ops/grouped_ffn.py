@@ -40,8 +40,9 @@ Tensor = torch.Tensor
 def experts(layer, x: Tensor, routing) -> Tensor:
     """x [T, D], a SparseRouting -> [T, D] as one moeify::grouped_ffn."""
     cfg = layer.config
+    w1, w2 = layer.expert_weights()  # [E, H1, D], [E, D, H]
     return torch.ops.moeify.grouped_ffn(x, routing.token_idx, routing.expert_idx, routing.weight.to(x.dtype),
-                                        layer.w1, layer.b1, layer.w2, layer.b2, cfg.activation, cfg.gated)
+                                        w1, layer.b1, w2, layer.b2, cfg.activation, cfg.gated)
 
 
 def translate(x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation: str, gated: bool):

@@ -125,7 +125,8 @@ def experts(layer, x: Tensor, routing) -> Tensor:
         weights = routing.dense_weights(x.shape[0], cfg.num_experts)  # [T, E]
         logits, normalize, score_fn = log_weights(weights), True, "softmax"
         k = int(caps.active_experts)  # experts per token: config.k, or E for a rule using every expert
-    return topk_moe(x, logits, layer.w1, layer.b1, layer.w2, layer.b2, k, normalize,
+    w1, w2 = layer.expert_weights()  # [E, H1, D], [E, D, H]
+    return topk_moe(x, logits, w1, layer.b1, w2, layer.b2, k, normalize,
                     score_fn, cfg.activation, cfg.gated)  # [T, D]
 
 

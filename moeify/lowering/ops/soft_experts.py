@@ -41,8 +41,9 @@ def _(x, dispatch, combine, w1, b1, w2, b2, activation, gated):
 def experts(layer, x: Tensor, routing) -> Tensor:
     """x [T, D], a SoftRouting -> [T, D] as one moeify::export_soft_experts."""
     cfg = layer.config
-    return export_soft_experts(x, routing.dispatch.to(x.dtype), routing.combine.to(x.dtype), layer.w1,
-                               layer.b1, layer.w2, layer.b2, cfg.activation, cfg.gated)  # [T, D]
+    w1, w2 = layer.expert_weights()  # [E, H1, D], [E, D, H]
+    return export_soft_experts(x, routing.dispatch.to(x.dtype), routing.combine.to(x.dtype), w1,
+                               layer.b1, w2, layer.b2, cfg.activation, cfg.gated)  # [T, D]
 
 
 def translate(x, dispatch, combine, w1, b1, w2, b2, activation: str, gated: bool):
