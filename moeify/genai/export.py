@@ -36,16 +36,17 @@ DATA_FILE = "model.onnx.data"
 def expert_layers(model: nn.Module, sites) -> list[ExpertLayer]:
     """The surgery's view of each MoE layer (router plan checked against the router, fp32 weights)."""
     vocab = model.config.vocab_size
-    return [
-        ExpertLayer(
+    layers = []
+    for s in sites:
+        w1, w2 = s.layer.expert_weights()  # [E, 2H, D], [E, D, H] (contracted for MPO experts)
+        layers.append(ExpertLayer(
             index=s.index,
             router=router_logits(s.layer, vocab, s.path),
             k=s.layer.config.k,
-            w1=s.layer.w1.detach().float().numpy(),
-            w2=s.layer.w2.detach().float().numpy(),
-        )
-        for s in sites
-    ]
+            w1=w1.detach().float().numpy(),
+            w2=w2.detach().float().numpy(),
+        ))
+    return layers
 
 
 def export_genai(

@@ -190,10 +190,11 @@ def hf_state_dict(model: nn.Module, fmt: str, layers: dict) -> dict[str, torch.T
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for hf_mlp, layer in layers.values():
         state[f"{hf_mlp}.gate.weight"] = layer.router.weight.detach().clone()  # [E, D]: small
-        state[f"{hf_mlp}.experts.gate_up_proj"] = layer.w1.detach()
-        state[f"{hf_mlp}.experts.down_proj"] = layer.w2.detach()
+        w1, w2 = layer.expert_weights()  # [E, 2H, D], [E, D, H] (MPO experts: contracted)
+        state[f"{hf_mlp}.experts.gate_up_proj"] = w1.detach()
+        state[f"{hf_mlp}.experts.down_proj"] = w2.detach()
         if target.shared_expert:
-            d_model, dtype = layer.config.d_model, layer.w1.dtype
+            d_model, dtype = layer.config.d_model, w1.dtype
             for name in ("gate_proj", "up_proj"):
                 state[f"{hf_mlp}.shared_expert.{name}.weight"] = torch.zeros(1, d_model, dtype=dtype)
             state[f"{hf_mlp}.shared_expert.down_proj.weight"] = torch.zeros(d_model, 1, dtype=dtype)

@@ -292,6 +292,21 @@ def test_mixtral_export_same_logits(tmp_path):
     assert hf.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 2 * 176, 64)
 
 
+@pytest.mark.slow
+def test_mixtral_export_of_mpo_experts_writes_their_contracted_weights(tmp_path):
+    from moeify.io.hf_export import export_hf
+    from moeify.zoo import tiny_llama
+
+    model = moeify.convert(tiny_llama(), experts=4, k=2, inplace=True, layer={"expert_param": "mpo"})
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the experts apart: each expert's auxiliary tensors differ
+        for name, p in model.named_parameters():
+            if ".mpo." in name or "router" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    export_hf(model, tmp_path / "mixtral", "mixtral")
+    _hf_logits_match(model, tmp_path / "mixtral", "MixtralForCausalLM")
+
+
 def test_mixtral_export_refuses_partial_conversion(tmp_path):
     from moeify.io.hf_export import export_hf
     from moeify.zoo import tiny_llama
