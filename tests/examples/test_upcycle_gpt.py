@@ -35,6 +35,7 @@ def test_arms_cover_top1_top2_and_every_init():
         upcycle_arms.arm_named("top3-copy")
 
 
+@pytest.mark.slow
 def test_upcycled_arms_keep_the_function_except_drop_and_cost_what_they_say():
     torch.manual_seed(0)
     base = GPT(TINY).eval()
@@ -53,6 +54,7 @@ def test_upcycled_arms_keep_the_function_except_drop_and_cost_what_they_say():
     assert torch.equal(base(x), ref)  # upcycling left the dense model alone
 
 
+@pytest.mark.slow
 def test_straight_through_top1_trains_the_router_from_the_task_loss():
     """Renormalised top-1 weights are 1: plain topk gives the router no task gradient; topk-st does."""
     torch.manual_seed(0)
