@@ -73,6 +73,7 @@ class Curve:
     flops: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)  # on the test split, when train() is given one
     train_loss: list[float] = field(default_factory=list)  # mean training loss since the last evaluation
 
     def as_dict(self) -> dict[str, list]:
@@ -87,6 +88,7 @@ class TrainSettings:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 25
+    eval_at: tuple[int, ...] = ()  # further steps to evaluate at (e.g. where a FLOP budget is reached)
     record_load_every: int = 5
 
 
@@ -100,12 +102,13 @@ def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
 
 
 def train(model: nn.Module, sampler, settings: TrainSettings, eval_set, loss_fn, tokens_flops: int,
-          history: LoadHistory | None = None, log: Callable[[str], None] = print, name: str = "") -> Curve:
+          history: LoadHistory | None = None, log: Callable[[str], None] = print, name: str = "",
+          test_set=None) -> Curve:
     """Train `settings.steps` steps with a fresh AdamW (linear warmup, then constant LR).
 
     The loss is the LM loss plus `moeify.aux_loss(model)` (zero for a dense model). Wall time counts the
-    training steps only, not the evaluations. Returns the held-out curve, starting with the loss before
-    the first step.
+    training steps only, not the evaluations. Returns the held-out curve (`eval_set`; and `test_set` in
+    `test_loss` when given), starting with the loss before the first step.
     """
     opt = make_optimizer(model, settings)
     curve = Curve()
@@ -117,6 +120,8 @@ def train(model: nn.Module, sampler, settings: TrainSettings, eval_set, loss_fn,
         curve.flops.append(float(tokens) * tokens_flops)
         curve.seconds.append(seconds)
         curve.loss.append(evaluate(model, eval_set, loss_fn))
+        if test_set is not None:
+            curve.test_loss.append(evaluate(model, test_set, loss_fn))
         curve.train_loss.append(running / seen if seen else float("nan"))
         log(f"  {name:>10} step {step:5d}  tokens {tokens:>9,d}  held-out {curve.loss[-1]:.4f}  "
             f"train {curve.train_loss[-1]:.4f}  {seconds:7.1f}s")
@@ -141,7 +146,7 @@ def train(model: nn.Module, sampler, settings: TrainSettings, eval_set, loss_fn,
         running, seen = running + lm.item(), seen + 1
         if history is not None and step % settings.record_load_every == 0:
             history.record(step, model)
-        if step % settings.eval_every == 0 or step == settings.steps:
+        if step % settings.eval_every == 0 or step == settings.steps or step in settings.eval_at:
             record(step)
             running, seen = 0.0, 0
     return curve

@@ -4,7 +4,8 @@ Byte-level: every byte is a token (vocabulary 256), so there is no tokenizer to 
 The held-out split is by file and fixed: a file is held out when the CRC32 of its path relative to the
 stdlib root falls in the held-out bucket, so the split does not depend on the order files are listed
 in, on the machine, or on the random seed. (A different Python version has different files, and so a
-slightly different corpus.)
+slightly different corpus.) The held-out files are split the same way, in halves: a validation split (to
+watch and tune on) and a test split (for final numbers only).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Corpus:
     held_out: Tensor  # [N_held] uint8 bytes
     train_files: int
     held_out_files: int
+    validation: Tensor  # [N_val] uint8: the held-out files of the validation half
+    test: Tensor  # [N_test] uint8: the held-out files of the test half
 
 
 def stdlib_files(root: Path | None = None) -> list[Path]:
@@ -45,25 +48,36 @@ def is_held_out(relative_path: str) -> bool:
     return zlib.crc32(relative_path.encode()) % HELD_OUT_BUCKETS == 0
 
 
+def is_test(relative_path: str) -> bool:
+    """A held-out file's half: test when the CRC32's bucket quotient is odd, else validation."""
+    return zlib.crc32(relative_path.encode()) // HELD_OUT_BUCKETS % 2 == 1
+
+
 def load_corpus(max_files: int | None = None, root: Path | None = None) -> Corpus:
     """Read the stdlib sources and split them by file; `max_files` keeps the first files in path order."""
     root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
     files = stdlib_files(root)
     if max_files is not None:
         # keep the path order but make sure a quick run still has held-out files
-        held = [f for f in files if is_held_out(f.relative_to(root).as_posix())]
-        rest = [f for f in files if not is_held_out(f.relative_to(root).as_posix())]
-        files = rest[:max_files] + held[:max(1, max_files // HELD_OUT_BUCKETS)]
-    train, held_out = [], []
+        # keep the path order but make sure a quick run still has held-out files of both halves
+        rel = {f: f.relative_to(root).as_posix() for f in files}
+        rest = [f for f in files if not is_held_out(rel[f])]
+        halves = [[f for f in files if is_held_out(rel[f]) and is_test(rel[f]) == t] for t in (False, True)]
+        keep = max(1, max_files // HELD_OUT_BUCKETS // 2)
+        files = rest[:max_files] + halves[0][:keep] + halves[1][:keep]
+    train, validation, test = [], [], []
     for f in files:
-        (held_out if is_held_out(f.relative_to(root).as_posix()) else train).append(f.read_bytes())
-    if not train or not held_out:
+        rel = f.relative_to(root).as_posix()
+        split = (test if is_test(rel) else validation) if is_held_out(rel) else train
+        split.append(f.read_bytes())
+    if not train or not validation or not test:
         raise RuntimeError(f"found no usable Python sources under {root}")
 
     def to_tensor(chunks: list[bytes]) -> Tensor:
         return torch.frombuffer(bytearray(SEPARATOR.join(chunks)), dtype=torch.uint8)  # [N]
 
-    return Corpus(to_tensor(train), to_tensor(held_out), len(train), len(held_out))
+    return Corpus(to_tensor(train), to_tensor(validation + test), len(train), len(validation) + len(test),
+                  to_tensor(validation), to_tensor(test))
 
 
 class BatchSampler:

