@@ -106,3 +106,15 @@ def test_gpu_table_code_runs_on_cpu():
     for column in moe_layer_gpu.COLUMNS:
         assert column in text
     assert "gemm [64, 32] @ [32, 128]" in text and text.count("fwd+bwd") == 2
+
+
+@pytest.mark.slow
+def test_compile_step_benchmark_quick_runs():
+    """benchmarks/compile_step.py --quick: inductor compiles the converted model's training step and the
+    compiled losses match eager (the script prints the largest difference)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_step.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    assert "compile: first compiled step" in proc.stdout and "compiled/eager" in proc.stdout
+    diff = float(proc.stdout.rsplit("max |loss diff| over", 1)[1].split(":")[1])
+    assert diff <= 1e-5
