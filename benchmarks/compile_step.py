@@ -2,8 +2,9 @@
 
 A small residual-FFN language model (moeify.zoo.TinyMLPModel, every FFN converted to top-2 MoE) trains with
 `zero_grad(set_to_none=True)`, forward, cross-entropy + the routers' aux losses, backward, SGD. Printed:
-  compile   wall time of the first compiled step (tracing, AOT autograd, inductor's C++ build, one run)
-            against the first eager step;
+  compile   wall and CPU time (this process, all threads; the C++ compiler runs in child processes and is
+            not counted) of the first compiled step (tracing, AOT autograd, inductor's C++ build, one run)
+            against the first eager step; set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for a cold compile;
   step      median seconds of a training step over interleaved repeats (eager, compiled, eager, ...), so
             load from other processes hits both alike; compiled/eager below 1 means compile is faster;
   max |loss diff|  over the timed steps (both copies start from the same weights and see the same batches).
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     models = {"eager": eager, "compiled": compiled}
     batches = [torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(i))
                for i in range(2 * repeats + 4)]
-    first, losses = {}, {name: [] for name in models}
+    first, first_cpu, losses = {}, {}, {name: [] for name in models}
     for name in ("eager", "compiled"):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         losses[name].append(_train_step(models[name], forwards[name], batches[0], opts[name]))
-        first[name] = time.perf_counter() - start
+        first[name], first_cpu[name] = time.perf_counter() - start, time.process_time() - start_cpu
     counter = {name: 1 for name in models}
 
     def step(name: str):
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"], strict=True))
     print(f"converted model: {layers} MoE layers, d={d_model}, d_ff={d_ff}, E=8, k=2, {batch}x{seq} tokens, "
           f"{args.threads} threads, median of {repeats} interleaved repeats")
-    print(f"compile: first compiled step {first['compiled']:.1f} s (first eager step {first['eager']:.2f} s)")
+    print(f"compile: first compiled step {first['compiled']:.1f} s wall, {first_cpu['compiled']:.1f} s CPU "
+          f"(first eager step {first['eager']:.2f} s wall, {first_cpu['eager']:.2f} s CPU)")
     print(f"step: eager {medians['eager'] * 1e3:.1f} ms, compiled {medians['compiled'] * 1e3:.1f} ms, "
           f"compiled/eager {medians['compiled'] / medians['eager']:.2f}")
     print(f"max |loss diff| over {len(losses['eager'])} steps: {diff:.2g}")
