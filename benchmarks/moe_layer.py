@@ -32,7 +32,7 @@ one of two training protocols (`--protocol`, default both):
                gradients (read + write of each weight's gradient; its floor counts that).
 
 Run: python benchmarks/moe_layer.py [--quick] [--repeats R] [--activation gelu] [--gated] [--no-recycle]
-     [--protocol set_to_none|accumulate|both] [--mpo]
+     [--protocol set_to_none|accumulate|both] [--case TxE ...] [--k 1|2 ...] [--mpo]
 `--mpo` adds a table for MPO experts (expert_param="mpo"): benchmarks/mpo_experts.py.
 (glibc settings change the fresh-memory costs: see the README's speed section.)
 `--device cuda` runs the GPU table instead (bfloat16, achieved TFLOP/s, the issue's shapes): see
@@ -223,6 +223,15 @@ def run_case(T: int, E: int, k: int, d_model: int, d_ff: int, activation: str, g
     return result
 
 
+def _parse_case(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    """"4096x64" -> (4096, 64)."""
+    try:
+        T, E = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        parser.error(f"--case {text!r}: expected T x E as two integers, e.g. 4096x64")
+    return T, E
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke test)")
@@ -237,6 +246,11 @@ def main(argv: list[str] | None = None) -> None:
                              "accumulate (gradient accumulation, no zero_grad), both (default)")
     parser.add_argument("--mpo", action="store_true",
                         help="also time MPO experts (expert_param='mpo'): materialised vs contracted on the fly")
+    parser.add_argument("--case", action="append", metavar="TxE", default=None,
+                        help="run only this shape (T tokens x E experts), e.g. 4096x64; repeatable "
+                             "(default: the issue's 4096x8, 4096x64, 1024x128)")
+    parser.add_argument("--k", type=int, action="append", choices=(1, 2), default=None,
+                        help="run only this k; repeatable (default: 1 and 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the GPU table in bfloat16 with TFLOP/s (benchmarks/moe_layer_gpu.py)")
     args = parser.parse_args(argv)
@@ -255,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         cases, d_model, d_ff, repeats = [(64, 4), (32, 8)], 32, 64, args.repeats or 2
     else:
         cases, d_model, d_ff, repeats = [(4096, 8), (4096, 64), (1024, 128)], 512, 2048, args.repeats or 7
+    if args.case:
+        cases = [_parse_case(parser, c) for c in args.case]
 
     table = Table(title=f"MoE layer on CPU: d={d_model}, d_ff={d_ff}, {args.activation}"
                         f"{' gated' if args.gated else ''}, {args.threads} threads, median of {repeats} "
@@ -265,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(col, justify="right")
     read_bw, write_bw = stream_bandwidth(256 << 20 if not args.quick else 1 << 20, repeats)
     for T, E in cases:
-        for k in (1, 2):
+        for k in args.k or (1, 2):
             cfg = moeify.MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=E, k=k, gated=args.gated)
             floor = weights_floor(cfg, read_bw, write_bw)
             result = run_case(T, E, k, d_model, d_ff, args.activation, args.gated, repeats, protocols)

@@ -1,4 +1,5 @@
-"""Recycled memory for the stacked expert-weight gradients the dispatch backward returns.
+"""Recycled memory for the stacked expert-weight gradients the dispatch backward returns, and for the
+large intermediates its training forward saves for the backward (`empty_saved`).
 
 Why: glibc serves every allocation above 32 MiB with a fresh `mmap` and unmaps it on `free`, so each
 backward that allocates a new stacked gradient ([E, H1, D]: 256 MiB at E=64, d=512, d_ff=2048) pays one
@@ -21,6 +22,7 @@ other devices have their own caching allocators.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -28,6 +30,7 @@ import torch
 Tensor = torch.Tensor
 
 MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller blocks are recycled by malloc already
+SAVED_MIN_BYTES = 32 << 20  # the same, for the forward's saved intermediates (tests lower MIN_BYTES only)
 
 _lock = threading.Lock()
 _pool: dict[int, list[torch.UntypedStorage]] = {}  # nbytes -> storages the pool owns (free or in use)
@@ -76,17 +79,30 @@ def pooled_bytes() -> int:
 def empty_grad_like(t: Tensor) -> Tensor:
     """An uninitialised tensor shaped like `t`: contiguous recycled memory when `t` is large, contiguous, on
     the CPU, and recycling is on; otherwise `torch.empty_like(t)`."""
-    nbytes = t.numel() * t.element_size()
-    if not _enabled or t.device.type != "cpu" or nbytes < MIN_BYTES or not t.is_contiguous():
+    if not t.is_contiguous():
         return torch.empty_like(t)
+    return _empty_recycled(t, t.shape, MIN_BYTES)
+
+
+def empty_saved(like: Tensor, *shape: int) -> Tensor:
+    """An uninitialised contiguous tensor of `shape` with `like`'s dtype and device, for an intermediate the
+    dispatch forward saves for its backward (the [N, H] activations: 64 MiB each at T=4096, k=2, d_ff=2048,
+    fresh pages every step otherwise). Recycled like the gradients, from SAVED_MIN_BYTES up."""
+    return _empty_recycled(like, shape, SAVED_MIN_BYTES)
+
+
+def _empty_recycled(like: Tensor, shape, min_bytes: int) -> Tensor:
+    nbytes = math.prod(shape) * like.element_size()
+    if not _enabled or like.device.type != "cpu" or nbytes < min_bytes:
+        return like.new_empty(shape)
     with _lock:  # find-and-take is atomic: two backward threads never get the same storage
         storages = _pool.setdefault(nbytes, [])
         storage = next((s for s in storages if _is_free(s)), None)
         if storage is None:
-            storage = torch.UntypedStorage(nbytes, device=t.device)
+            storage = torch.UntypedStorage(nbytes, device=like.device)
             storages.append(storage)
-        return t.new_empty(0).set_(storage, 0, t.shape)  # no strides given: contiguous ones
+        return like.new_empty(0).set_(storage, 0, shape)  # no strides given: contiguous ones
 
 
-__all__ = ["MIN_BYTES", "empty_grad_like", "pooled_bytes", "release_grad_buffers",
-           "set_grad_buffer_recycling"]
+__all__ = ["MIN_BYTES", "SAVED_MIN_BYTES", "empty_grad_like", "empty_saved", "pooled_bytes",
+           "release_grad_buffers", "set_grad_buffer_recycling"]

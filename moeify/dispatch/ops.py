@@ -15,6 +15,9 @@ Ops (all `torch.library` custom ops with fake kernels, so `torch.compile` and `t
   moeify::grouped_ffn_backward(grad_out, inputs..., Tensor? h, Tensor? a, Tensor? y, ...,
                                bool[] output_mask) -> Tensor[]
       The hand-written backward both ops share; grads the output mask leaves out come back empty.
+  moeify::grouped_ffn_backward_into(same inputs, Tensor(a!)? acc_w1, Tensor(b!)? acc_w2) -> Tensor[]
+      The same backward adding the grads of w1 and w2 into existing `.grad` tensors in place (gradient
+      accumulation with no zero_grad between steps; chosen by `_grad_to_add_into`, eager CPU only).
 
 The kernel: a stable sort of assignments by expert (dropped assignments, index E, sort last and are never
 touched), counts by bincount, one gather of token rows, then per non-empty expert group: GEMM, activation,
@@ -32,9 +35,10 @@ ops run the grouped-GEMM kernels of `moeify.dispatch.grouped` (registered there 
 from __future__ import annotations
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from moeify.activations import activation_fn, activation_grad
-from moeify.dispatch.buffers import empty_grad_like
+from moeify.dispatch.buffers import empty_grad_like, empty_saved
 
 Tensor = torch.Tensor
 
@@ -153,7 +157,8 @@ def _forward(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, w
     N, E, H1, D, H = expert_idx.shape[0], w1.shape[0], w1.shape[1], x.shape[1], w2.shape[2]
     out = torch.zeros_like(x)  # [T, D]
     rows = N if keep else 0  # static shapes (N, not M) so the fake kernel needs no data-dependent size
-    h, a, y = x.new_empty(rows, H1), x.new_empty(rows, H), x.new_empty(rows, D)
+    h, a = empty_saved(x, rows, H1), empty_saved(x, rows, H)  # recycled memory when large (see buffers)
+    y = x.new_empty(rows, D)
     order, sizes = _plan(expert_idx, E)
     M = order.shape[0]
     if keep:
@@ -181,6 +186,11 @@ def _forward(x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor, w
     return out, h, a, y
 
 
+def _weight_grad(a: Tensor, b: Tensor, out: Tensor, add: bool) -> Tensor:
+    """out = a @ b, or out += a @ b when `add` (one GEMM with beta 1: no temporary, one pass over out)."""
+    return out.addmm_(a, b) if add else torch.mm(a, b, out=out)
+
+
 def _unwanted(t: Tensor | None, x: Tensor) -> Tensor:
     """Placeholder for a gradient nobody asked for (custom ops cannot return None): empty, t's dtype."""
     return x.new_empty(0, dtype=(x if t is None else t).dtype)
@@ -188,8 +198,13 @@ def _unwanted(t: Tensor | None, x: Tensor) -> Tensor:
 
 def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor, weight: Tensor,
               w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, saved: list[Tensor] | None,
-              activation: str, gated: bool, output_mask: list[bool]) -> list[Tensor]:
+              activation: str, gated: bool, output_mask: list[bool],
+              into: tuple[Tensor | None, Tensor | None] = (None, None)) -> list[Tensor]:
     """Grads of (x, weight, w1, b1, w2, b2); an unwanted or absent one is an empty tensor.
+
+    `into` = (acc_w1, acc_w2): existing gradients [E, H1, D], [E, D, H] (or None) that the grads of w1 and
+    w2 are added into in place (`addmm_`, beta 1: the GEMM reads and writes them once), instead of being
+    returned (their slot then holds an empty tensor). See `grouped_ffn_backward_into_op`.
 
     `saved` is the training forward's [h, a, y] or None (then h and a are recomputed, y is not needed).
     Per group e (rows s:t), with go = grad_out gathered to assignment rows and w the combine weights:
@@ -207,15 +222,18 @@ def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor
     gweight = torch.zeros_like(weight) if want_weight else _unwanted(weight, x)  # [N]
     # Stacked weight grads: written slice by slice (only empty experts get zeroed), into recycled memory
     # when large (see moeify.dispatch.buffers: fresh mmapped pages cost more than the GEMMs at large E).
-    gw1 = empty_grad_like(w1) if want_w1 else _unwanted(w1, x)  # [E, H1, D]
-    gw2 = empty_grad_like(w2) if want_w2 else _unwanted(w2, x)  # [E, D, H]
+    acc_w1, acc_w2 = into
+    gw1 = empty_grad_like(w1) if want_w1 and acc_w1 is None else _unwanted(w1, x)  # [E, H1, D]
+    gw2 = empty_grad_like(w2) if want_w2 and acc_w2 is None else _unwanted(w2, x)  # [E, D, H]
     gb1 = torch.empty_like(b1) if want_b1 else _unwanted(b1, x)  # [E, H1]
     gb2 = torch.empty_like(b2) if want_b2 else _unwanted(b2, x)  # [E, D]
     order, sizes = _plan(expert_idx, E)
     M = order.shape[0]
+    zero_if_empty = ((gw1, want_w1 and acc_w1 is None), (gw2, want_w2 and acc_w2 is None), (gb1, want_b1),
+                     (gb2, want_b2))
     for e, n in enumerate(sizes):
         if n == 0:
-            for g, wanted in ((gw1, want_w1), (gw2, want_w2), (gb1, want_b1), (gb2, want_b2)):
+            for g, wanted in zero_if_empty:
                 if wanted:
                     g[e].zero_()
     if M == 0 or not any((want_x, want_weight, want_w1, want_b1, want_w2, want_b2)):
@@ -249,8 +267,8 @@ def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor
     gxs_g = None if gxs is None else gxs.split(sizes)
     gwr_g = None if gw_rows is None else gw_rows.split(sizes)
     w1_e, w2_e = w1.unbind(0), w2.unbind(0)
-    gw1_e = gw1.unbind(0) if want_w1 else None
-    gw2_e = gw2.unbind(0) if want_w2 else None
+    gw1_e = None if not want_w1 else gw1.unbind(0) if acc_w1 is None else acc_w1.unbind(0)  # [H1, D] each
+    gw2_e = None if not want_w2 else gw2.unbind(0) if acc_w2 is None else acc_w2.unbind(0)  # [D, H] each
     for e, n in enumerate(sizes):
         if n == 0:
             continue
@@ -275,13 +293,13 @@ def _backward(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor
             else:
                 _act_backward(ga, h_e, activation, out=gh)
             if want_w1:
-                torch.mm(gh.t(), xs_g[e], out=gw1_e[e])  # [H1, D]
+                _weight_grad(gh.t(), xs_g[e], gw1_e[e], acc_w1 is not None)  # [H1, D]
             if want_b1:
                 torch.sum(gh, dim=0, out=gb1[e])  # [H1]
             if want_x:
                 torch.mm(gh, w1_e[e], out=gxs_g[e])  # [n, D]
         if want_w2:
-            torch.mm(gy_g[e].t(), a_e, out=gw2_e[e])  # [D, H]
+            _weight_grad(gy_g[e].t(), a_e, gw2_e[e], acc_w2 is not None)  # [D, H]
         if want_b2:
             torch.sum(gy_g[e], dim=0, out=gb2[e])  # [D]
     if gw_rows is not None:
@@ -325,6 +343,57 @@ def _(grad_out, x, token_idx, expert_idx, weight, w1, b1, w2, b2, h, a, y, activ
             for t, wanted in zip(like, output_mask, strict=True)]
 
 
+# ------------------------------------------------------------------------------- backward into .grad op
+# Gradient accumulation (no zero_grad between backward passes) would otherwise cost a whole extra pass over
+# the stacked weight gradients: the backward writes a fresh [E, H1, D] gradient, then autograd's
+# AccumulateGrad reads it back and adds it into `.grad` (`grad += new`, in place). An HF-style ModuleList
+# pays that add too, but per expert, on a 4 MiB gradient still in cache. When autograd is about to do
+# exactly that in-place add, the backward instead adds each expert's gradient into `.grad` with the GEMM
+# itself (beta 1) and hands autograd no gradient for that weight: the same `.grad`, one pass fewer.
+
+@torch.library.custom_op("moeify::grouped_ffn_backward_into", mutates_args=("acc_w1", "acc_w2"))
+def grouped_ffn_backward_into_op(grad_out: Tensor, x: Tensor, token_idx: Tensor, expert_idx: Tensor,
+                                 weight: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                                 h: Tensor | None, a: Tensor | None, y: Tensor | None, activation: str,
+                                 gated: bool, output_mask: list[bool], acc_w1: Tensor | None,
+                                 acc_w2: Tensor | None) -> list[Tensor]:
+    """`grouped_ffn_backward`, but the grads of w1 and w2 are added into acc_w1 [E, H1, D] and acc_w2
+    [E, D, H] where given (their slots in the result are then empty)."""
+    saved = None if h is None or a is None or y is None else [h, a, y]
+    return _backward(grad_out, x, token_idx, expert_idx, weight, w1, b1, w2, b2, saved, activation, gated,
+                     list(output_mask), into=(acc_w1, acc_w2))
+
+
+@grouped_ffn_backward_into_op.register_fake
+def _(grad_out, x, token_idx, expert_idx, weight, w1, b1, w2, b2, h, a, y, activation, gated, output_mask,
+      acc_w1, acc_w2):
+    like = (x, weight, None if acc_w1 is not None else w1, b1, None if acc_w2 is not None else w2, b2)
+    return [torch.empty_like(t) if (wanted and t is not None) else _unwanted(t, x)
+            for t, wanted in zip(like, output_mask, strict=True)]
+
+
+def _grad_to_add_into(w: Tensor, wanted: bool) -> Tensor | None:
+    """`w.grad` when autograd would add w's gradient into it in place right after this backward (so the
+    backward may do the add itself), else None.
+
+    That is: a plain CPU leaf whose `.grad` is a contiguous tensor of its shape and dtype, no hook on w (a
+    hook sees the gradient, so it must get one), not building a graph of the backward (`create_graph`: then
+    autograd adds out of place), not compiling, and this backward pass accumulates into w's `.grad`
+    (`loss.backward()`, not `torch.autograd.grad`, and w among its inputs when they are given)."""
+    if not wanted or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    grad = w.grad if (w.is_leaf and w.device.type == "cpu") else None
+    if (type(grad) is not torch.Tensor or grad.shape != w.shape or grad.dtype != w.dtype
+            or not grad.is_contiguous() or grad.requires_grad
+            or w._backward_hooks or w._post_accumulate_grad_hooks is not None):
+        return None
+    try:
+        accumulates = torch._C._will_engine_execute_node(get_gradient_edge(w).node)
+    except RuntimeError:  # raised for a leaf under torch.autograd.grad: it returns grads, .grad stays
+        return None
+    return grad if accumulates else None
+
+
 def _save(ctx, inputs, saved: tuple[Tensor, Tensor, Tensor] | None) -> None:
     x, token_idx, expert_idx, weight, w1, b1, w2, b2, activation, gated = inputs
     ctx.has_b1, ctx.has_b2, ctx.has_saved = b1 is not None, b2 is not None, saved is not None
@@ -340,11 +409,16 @@ def _backward_via_op(ctx, grad_out: Tensor) -> tuple:
     x, token_idx, expert_idx, weight, w1, b1, w2, b2, h, a, y = ctx.saved_tensors
     if not ctx.has_saved:
         h = a = y = None
-    grads = grouped_ffn_backward_op(grad_out.contiguous(), x, token_idx, expert_idx, weight, w1,
-                                    b1 if ctx.has_b1 else None, w2, b2 if ctx.has_b2 else None, h, a, y,
-                                    ctx.activation, ctx.gated, ctx.output_mask)
-    gx, gweight, gw1, gb1, gw2, gb2 = (g if wanted else None for g, wanted in zip(grads, ctx.output_mask,
-                                                                                    strict=True))
+    args = (grad_out.contiguous(), x, token_idx, expert_idx, weight, w1, b1 if ctx.has_b1 else None, w2,
+            b2 if ctx.has_b2 else None, h, a, y, ctx.activation, ctx.gated)
+    mask = list(ctx.output_mask)
+    acc_w1, acc_w2 = _grad_to_add_into(w1, mask[2]), _grad_to_add_into(w2, mask[4])
+    if acc_w1 is None and acc_w2 is None:
+        grads = grouped_ffn_backward_op(*args, mask)
+    else:  # added into .grad already: autograd gets no gradient for that weight
+        grads = grouped_ffn_backward_into_op(*args, mask, acc_w1, acc_w2)
+        mask[2], mask[4] = mask[2] and acc_w1 is None, mask[4] and acc_w2 is None
+    gx, gweight, gw1, gb1, gw2, gb2 = (g if wanted else None for g, wanted in zip(grads, mask, strict=True))
     return gx, None, None, gweight, gw1, gb1, gw2, gb2, None, None
 
 

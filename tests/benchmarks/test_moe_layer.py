@@ -126,3 +126,15 @@ def test_moe_layer_benchmark_mpo_table_quick_runs():
                            "set_to_none", "--mpo"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "MPO experts" in proc.stdout and "on the fly/materialise" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compile_step_benchmark_quick_runs():
+    """benchmarks/compile_step.py --quick: inductor compiles the converted model's training step and the
+    compiled losses match eager (the script prints the largest difference)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_step.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    assert "compile: first compiled step" in proc.stdout and "compiled/eager" in proc.stdout
+    diff = float(proc.stdout.rsplit("max |loss diff| over", 1)[1].split(":")[1])
+    assert diff <= 1e-5

@@ -120,3 +120,18 @@ def test_small_buffers_bypass_the_pool(pool, monkeypatch):
     monkeypatch.setattr(buffers, "MIN_BYTES", 1 << 30)
     backward(grouped_ffn, make_layer(), seed=0)
     assert pool.grown() == 0
+
+
+def test_saved_activations_are_recycled_between_steps(pool, monkeypatch):
+    """The training forward's saved h and a come from the pool too (from SAVED_MIN_BYTES up): after the
+    first step the pool stops growing, and every step's grads match the reference."""
+    monkeypatch.setattr(buffers, "SAVED_MIN_BYTES", 0)
+    layer = make_layer()
+    sizes = []
+    for seed in (0, 1, 2):
+        layer["w1"].grad = layer["w2"].grad = None
+        backward(grouped_ffn, layer, seed)
+        torch.testing.assert_close([layer["w1"].grad, layer["w2"].grad], reference_grads(layer, [seed]))
+        sizes.append(pool.grown())
+    assert sizes[0] > 2 * E * H * D * 8  # more than the two weight gradients: h and a are pooled
+    assert sizes[0] == sizes[1] == sizes[2]
