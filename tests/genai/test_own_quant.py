@@ -147,3 +147,62 @@ def test_gemm_and_transposed_weights_become_matmulnbits(caplog):
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x})[0]
     assert 0 < np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+def gated_moe_graph(normalize: bool):
+    """x [T, D] -> router MatMul -> com.microsoft.MoE (SwiGLU, fc1 interleaved by a Gather as the ort_moe
+    lowering writes it, biases) -> y, and an input x."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from moeify.lowering.ops.ort_moe import ort_attributes, swiglu_row_order
+
+    E, H, D, T = 4, 32, 64, 7
+    rng = np.random.default_rng(1)
+    arrays = {
+        "router": rng.standard_normal((D, E)).astype(np.float32),
+        "w1": (rng.standard_normal((E, 2 * H, D)) / 8).astype(np.float32),  # rows [gate; up]
+        "b1": (rng.standard_normal((E, 2 * H)) / 4).astype(np.float32),
+        "w2": (rng.standard_normal((E, D, H)) / 6).astype(np.float32),
+        "b2": (rng.standard_normal((E, D)) / 4).astype(np.float32),
+        "order": np.array(swiglu_row_order(H), dtype=np.int64),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "router"], ["logits"], name="router"),
+            helper.make_node("Gather", ["w1", "order"], ["fc1"], name="interleave_w1", axis=1),
+            helper.make_node("Gather", ["b1", "order"], ["fc1_bias"], name="interleave_b1", axis=1),
+            helper.make_node("MoE", ["x", "logits", "fc1", "fc1_bias", "w2", "b2"], ["y"], name="moe",
+                             domain="com.microsoft", **ort_attributes(2, normalize, "silu", True)),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", D])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 18),
+                                                                  helper.make_opsetid("com.microsoft", 1)])
+    return model, rng.standard_normal((T, D)).astype(np.float32)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gated_moe_node_becomes_loop_or_qmoe_experts(normalize):
+    """A gated MoE node (the own route's LLaMA-style layers) quantised both ways: within int8 / int4 rounding
+    of the fp32 node's output; the router stays a float MatMul."""
+    import onnxruntime as ort
+
+    from moeify.genai.own_quant import quantize_own_graph
+
+    def run(model, x):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    model, x = gated_moe_graph(normalize)
+    want = run(model, x)
+    for precision, op, bound in (("int8", "loop", 3e-2), ("int4", "loop", 0.2), ("int4", "fused", 0.2)):
+        quantized = quantize_own_graph(gated_moe_graph(normalize)[0], precision, op)
+        kinds = [n.op_type for n in quantized.graph.node]
+        assert "MoE" not in kinds and kinds.count("MatMul") == 1
+        assert {t.name for t in quantized.graph.initializer} & {"w1", "b1", "order"} == set()  # Gathers gone
+        assert kinds.count("MatMulNBits" if op == "loop" else "QMoE") == (8 if op == "loop" else 1)
+        error = np.abs(run(quantized, x) - want).max()
+        assert 0 < error <= bound * np.abs(want).max(), (precision, op, error / np.abs(want).max())
