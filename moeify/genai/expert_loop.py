@@ -79,7 +79,8 @@ def loop_expert_nodes(
     weights = f"{p}/w" if layer.normalize else f"{p}/top"  # [N, K] each chosen expert's weight
     fc1, fc2 = _expert_weights(g, layer, w, dtype, precision)
     b1, b2 = (
-        [None] * E if b is None else [g.add_initializer(f"{w}.{e}.{tag}", b[e].astype(dtype)) for e in range(E)]
+        [None] * E if b is None
+        else [g.add_initializer(f"{w}.{e}.{tag}", b[e].astype(dtype)) for e in range(E)]  # [H1] / [D]
         for tag, b in (("b1", layer.b1), ("b2", layer.b2))
     )
     acc = f"{p}/acc0"
@@ -170,7 +171,8 @@ class _Constants:
 
     def f(self, tag: str, value: float) -> str:
         """A scalar of the activations' dtype."""
-        return self.g.add_initializer(f"moeify.loop.{tag}.{np.dtype(self.dtype).name}", np.array(value, self.dtype))
+        name = f"moeify.loop.{tag}.{np.dtype(self.dtype).name}"
+        return self.g.add_initializer(name, np.array(value, self.dtype))
 
     def i64(self, tag: str, value) -> str:
         array = np.array(value, dtype=np.int64)

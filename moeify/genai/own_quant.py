@@ -51,11 +51,11 @@ def quantize_own_graph(
     routers = {router_matmul(g, n) for n in moe_nodes} - {None}
     for index, node in enumerate(moe_nodes):  # nodes are swapped by name: the protos are copies
         _replace_moe(g, node, index, precision, experts_op, accuracy_level)
-    float_experts = [n.name for n in g.graph.node if n.domain == PORTABLE_DOMAIN]
-    if float_experts:
+    own_ops = [n.name for n in g.graph.node if n.domain == PORTABLE_DOMAIN]
+    if own_ops:  # MoE layers com.microsoft.MoE cannot compute (e.g. exact-erf gelu experts)
         log.warning(
-            "--genai %s: %d MoE layer(s) lowered to moeify's own ops (com.microsoft.MoE cannot compute "
-            "them) keep float experts; only the linears around them are quantised", precision, len(float_experts)
+            "--genai %s: %d node(s) of moeify's own ops keep their weights float (only com.microsoft.MoE "
+            "experts and MatMul/Gemm linears are quantised)", precision, len(own_ops)
         )
     _remove_dead(g)  # e.g. the Gather that interleaved a gated fc1 for the MoE node
     _gemm_to_matmul(g)
@@ -103,7 +103,8 @@ def _constant(g: Graph, name: str, user: str) -> np.ndarray | None:
     if name in g.initializers:
         return numpy_helper.to_array(g.initializers[name]).astype(np.float32)
     producer = next((n for n in g.graph.node if name in n.output), None)
-    if producer is not None and producer.op_type == "Gather" and all(i in g.initializers for i in producer.input):
+    constant_gather = producer is not None and producer.op_type == "Gather"
+    if constant_gather and all(i in g.initializers for i in producer.input):
         data, indices = (numpy_helper.to_array(g.initializers[i]) for i in producer.input)
         axis = next((a.i for a in producer.attribute if a.name == "axis"), 0)
         return np.take(data, indices, axis=axis).astype(np.float32)
@@ -126,8 +127,8 @@ def _qmoe_node(g: Graph, moe, attrs, index, x, probs, w1, b1, w2, b2, dtype, pre
 
     inputs = [
         x, probs,
-        add("fc1.q", q1.packed), add("fc1.scales", q1.scales.astype(dtype)), add("fc1.bias", _cast(b1, dtype)),
-        add("fc2.q", q2.packed), add("fc2.scales", q2.scales.astype(dtype)), add("fc2.bias", _cast(b2, dtype)),
+        add("fc1.q", q1.packed), add("fc1.scales", q1.scales.astype(dtype)), add("fc1.b", _cast(b1, dtype)),
+        add("fc2.q", q2.packed), add("fc2.scales", q2.scales.astype(dtype)), add("fc2.b", _cast(b2, dtype)),
     ]
     return helper.make_node("QMoE", inputs, list(moe.output), name=f"{moe.name}/QMoE", domain=MS,
                             expert_weight_bits=BITS[precision], block_size=block, **attrs)
@@ -179,7 +180,7 @@ def _remove_dead(g: Graph) -> None:
 
 
 def _swap(g: Graph, old: str, new: list[onnx.NodeProto]) -> None:
-    """Put `new` where the node named `old` was (its initializers go when nothing reads them: _remove_dead)."""
+    """Put `new` where the node named `old` was (initializers nothing reads go in _remove_dead)."""
     position = next(i for i, n in enumerate(g.graph.node) if n.name == old)
     del g.graph.node[position]
     for offset, n in enumerate(new):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from moeify.genai.quantize import dequantize, quantize
-from moeify.genai.surgery import ExpertLayer, Graph
 from moeify.genai.expert_loop import loop_expert_nodes
+from moeify.genai.quantize import dequantize, quantize
 from moeify.genai.router_logits import RouterLogits
+from moeify.genai.surgery import ExpertLayer, Graph
 from tests.genai.test_quantize import swiglu_moe_reference
 
 pytestmark = pytest.mark.ort
@@ -87,7 +87,8 @@ def test_one_token_at_a_time_as_in_decoding():
 
 def ungated_moe_reference(x, logits, w1, b1, w2, b2, k, activation, normalize):
     """x [T, D], logits [T, E], w1 [E, H, D], b1 [E, H], w2 [E, D, H], b2 [E, D]: com.microsoft.MoE's
-    non-gated experts (its "gelu" is the tanh approximation), top-k of softmax(logits), renormalised or not."""
+    non-gated experts (its "gelu" is the tanh approximation), top-k of softmax(logits), renormalised or
+    not."""
     act = {
         "gelu": lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3))),
         "relu": lambda h: np.maximum(h, 0),
