@@ -64,8 +64,9 @@ def export_genai(
 
     Args:
         precision: fp32 | fp16 (CUDA only) | int8 | int4; builder route: the dense parts follow the builder
-            at that precision, the experts are MoE (fp32/fp16) or block-quantised QMoE (int8/int4). The
-            own route writes fp32/fp16 only.
+            at that precision, the experts are MoE (fp32/fp16) or block-quantised (int8/int4, see
+            experts_op). The own route at int8/int4 quantises its fp32 graph (moeify.genai.own_quant):
+            MatMulNBits linears (lm_head included, embedding float), loop or QMoE experts.
         provider: cpu | cuda, the execution provider the folder is built for.
         tokenizer_dir: the folder holding the source model's tokenizer files (required).
         experts_op: "fused" (com.microsoft.MoE / QMoE), "loop" (a dense MLP per expert over its tokens:
@@ -89,7 +90,7 @@ def export_genai(
         chosen, shape = choose_route(model, route)
         if chosen == "own":
             return export_own(model, shape, out, precision=precision, provider=provider,
-                              tokenizer_dir=Path(tokenizer_dir), force=force)
+                              tokenizer_dir=Path(tokenizer_dir), force=force, experts_op=experts_op)
         require_genai()
         sites = moe_sites(model)
         expert_layers(model, sites)  # refusals happen here, before the slow builder

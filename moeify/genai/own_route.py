@@ -8,7 +8,8 @@ Shape legend: B batch, S new positions, P past positions, N = P + S, Hk key/valu
 (com.microsoft.MoE where the router allows, moeify's ops otherwise); the graph's inputs and outputs are then
 renamed to GenAI's names, and genai_config.json (model type "decoder") and the tokenizer files are written
 beside it. The attention stays the model's own ops (no fused kernel), so this route is the portable one and
-the builder route the fast one.
+the builder route the fast one. At int8/int4 the fp32 graph is weight-only quantised afterwards
+(moeify.genai.own_quant: MatMulNBits linears, loop or QMoE experts).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from moeify.genai.kv_cache import CacheShape, FlatKVDecoder, probe_cache, takes_
 from moeify.io.atomic import atomic_output
 
 OWN_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+QUANTISED = ("int8", "int4")  # exported at fp32, then weight-only quantised
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 EXAMPLE_B, EXAMPLE_S, EXAMPLE_P = 2, 3, 4  # none is 0 or 1: torch.export specialises those sizes
@@ -95,6 +97,18 @@ def rename_io(path: Path, out: Path, shape: CacheShape, position_ids: bool) -> N
     ir.save(graph_model, str(out), external_data=DATA_FILE)
 
 
+def write_quantised(fp32_graph: Path, out: Path, precision: str, experts_op: str, provider: str) -> None:
+    """The own route's fp32 graph at `fp32_graph` quantised to `precision`, saved at `out` (+ DATA_FILE)."""
+    import onnx
+
+    from moeify.genai.own_quant import quantize_own_graph
+
+    accuracy_level = 4 if provider == "cpu" else 0  # int8 activations on CPU, as the builder
+    graph = quantize_own_graph(onnx.load(str(fp32_graph)), precision, experts_op, accuracy_level)
+    onnx.save(graph, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
+              size_threshold=1024)
+
+
 def export_own(
     model: nn.Module,
     shape: CacheShape,
@@ -104,18 +118,18 @@ def export_own(
     provider: str,
     tokenizer_dir: Path,
     force: bool,
+    experts_op: str = "auto",
 ) -> Path:
-    """Write `model` (eval mode, checked by `own_route_check`) as a GenAI folder at `out_dir`."""
+    """Write `model` (eval mode, checked by `own_route_check`) as a GenAI folder at `out_dir`; experts_op
+    as `export_genai`'s (int8/int4 only: fp32/fp16 keep the exported com.microsoft.MoE)."""
     from moeify.genai.skeleton import copy_tokenizer
     from moeify.lowering.export import export_onnx
 
-    if precision not in OWN_PRECISIONS:
+    if precision not in OWN_PRECISIONS and precision not in QUANTISED:
         raise MoeifyError(
-            f"--genai: {type(model).__name__} goes through moeify's own KV-cache export (ONNX Runtime "
-            f"GenAI's builder does not know it), which writes fp32/fp16 only, not {precision}; use "
-            "--precision fp32"
+            f"--genai: moeify's own KV-cache export writes fp32, fp16, int8 or int4, not {precision}"
         )
-    dtype = OWN_PRECISIONS[precision]
+    dtype = OWN_PRECISIONS.get(precision, torch.float32)
     position_ids = takes_position_ids(model)
     wrapper = FlatKVDecoder(model, shape.num_layers)
     with atomic_output(Path(out_dir), directory=True, force=force) as tmp:
@@ -137,7 +151,13 @@ def export_own(
                     dtype=dtype,
                     dynamic_shapes=dynamic_shapes(shape, position_ids),
                 )
-            rename_io(traced, tmp / MODEL_FILE, shape, position_ids)
+            if precision in QUANTISED:
+                renamed = Path(scratch) / "renamed" / MODEL_FILE
+                renamed.parent.mkdir()
+                rename_io(traced, renamed, shape, position_ids)
+                write_quantised(renamed, tmp / MODEL_FILE, precision, experts_op, provider)
+            else:
+                rename_io(traced, tmp / MODEL_FILE, shape, position_ids)
         config = decoder_config(
             model, shape, position_ids=position_ids, filename=MODEL_FILE, provider=provider
         )

@@ -4,7 +4,8 @@
   the builder's fused attention and int4/int8 linears, for the architectures it knows and surgery
   recognises (skeleton.BUILDER_ARCHITECTURES).
 - "own": moeify's export with explicit past/present KV (moeify.genai.own_route): any transformers causal LM
-  whose forward takes a DynamicCache of full-attention layers; fp32/fp16.
+  whose forward takes a DynamicCache of full-attention layers; fp32/fp16, and int8/int4 by quantising its
+  fp32 graph (moeify.genai.own_quant).
 
 "auto" takes the builder route where it can (a known architecture whose every MoE layer surgery can place)
 and the own route elsewhere; a model neither takes gets one line with both reasons.

@@ -37,13 +37,22 @@ MS = "com.microsoft"
 @dataclass(frozen=True)
 class ExpertLayer:
     """What surgery needs of one MoE layer: decoder index, routing, k and the expert weights
-    (w1 [E, 2H, D] rows [gate; up], w2 [E, D, H], float32)."""
+    (w1 [E, 2H, D] rows [gate; up], w2 [E, D, H], float32).
+
+    Loop experts (moeify.genai.expert_loop) also read the optional fields: the activation by
+    com.microsoft.MoE's name (non-gated ones have w1 [E, H, D]), whether the top-k weights are
+    renormalised, and biases b1 [E, H1], b2 [E, D]. `router` is None where the graph already holds the
+    router (the own route, moeify.genai.own_quant)."""
 
     index: int
-    router: RouterLogits
+    router: RouterLogits | None
     k: int
     w1: np.ndarray
     w2: np.ndarray
+    activation: str = "swiglu"
+    normalize: bool = True
+    b1: np.ndarray | None = None
+    b2: np.ndarray | None = None
 
 
 def interleave_gate_up(w1: np.ndarray) -> np.ndarray:

@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.ort]
 TOTAL = 32  # tokens in a generated sequence, prompt included (22 new ones)
 
 
-def tiny_gpt2():
+def tiny_gpt2(n_embd: int = 64):
     import transformers as T
 
     torch.manual_seed(0)
     config = T.GPT2Config(
-        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
+        vocab_size=256, n_embd=n_embd, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
     )
     return T.GPT2LMHeadModel(config).eval()
 
@@ -116,13 +116,6 @@ def test_cached_step_equals_the_full_forward_in_onnxruntime(gpt2):
 
 
 # --- refusals (fast: before any export) -------------------------------------------------------------------
-
-
-def test_own_route_refuses_quantised_precisions(tokenizer, tmp_path):
-    moe = moeify.convert(tiny_gpt2(), experts=4, k=1, init="copy")
-    with pytest.raises(MoeifyError, match="own KV-cache export .* writes fp32/fp16 only, not int4"):
-        export_genai(moe, tmp_path / "g", precision="int4", tokenizer_dir=tokenizer)
-    assert not (tmp_path / "g").exists()
 
 
 def test_builder_route_asked_for_an_architecture_it_does_not_know(tokenizer, tmp_path):
