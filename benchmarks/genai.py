@@ -7,8 +7,9 @@
 For fp32 and int4: the builder's dense folder, then the MoE folders made from it (`moe_folder_from_dense`:
 experts copied from the dense MLP, so the skeleton *is* the dense model and one builder run per precision
 serves them all), each with the experts fused (com.microsoft.MoE / QMoE) and as a loop of dense MLPs
-(moeify.genai.expert_loop). Per folder: prefill ms of the prompt (median of --repeats), decode tok/s of --new
-greedy tokens (median), greedy agreement with the fp32 dense tokens (fraction of positions equal), folder size.
+(moeify.genai.expert_loop). Per folder, measured in turns (--repeats rounds, every folder once per round,
+so load changes hit all alike): prefill ms of the prompt and decode tok/s of --new greedy tokens (medians),
+greedy agreement with the fp32 dense tokens (fraction of positions equal), folder size.
 Random weights from a config, a byte-level tokenizer; nothing is downloaded.
 """
 
@@ -40,29 +41,43 @@ def build_dense(folder: Path, d_model: int, layers: int):
     )
 
 
-def measure(folder: Path, prompt: list[int], new: int, repeats: int) -> dict:
+def measure_once(folder: Path, prompt: list[int], new: int) -> dict:
+    """One turn on one folder: load it, warm up (first runs allocate and pre-pack), time one prefill of the
+    prompt and one greedy decode of `new` tokens, unload (big fp32 folders do not all fit in memory)."""
     import numpy as np
     import onnxruntime_genai as og
 
     from moeify.genai.generate import generate
 
     model = og.Model(str(folder))
-    generate(model, prompt, max_new_tokens=min(new, 8))  # warm-up: first runs allocate and pre-pack
-    prefill = []
+    generate(model, prompt, max_new_tokens=min(new, 8))
+    generator = og.Generator(model, og.GeneratorParams(model))
+    start = time.perf_counter()
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32)[None])
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    del generator
+    run = generate(model, prompt, max_new_tokens=new)
+    del model
+    return {"prefill_ms": prefill_ms, "decode_tok_s": run.decode_tokens_per_s, "tokens": run.tokens}
+
+
+def measure_in_turns(folders: dict, prompt: list[int], new: int, repeats: int) -> dict:
+    """Every folder measured once per round, `repeats` rounds, so that a change in the machine's load hits
+    every folder alike; medians per folder."""
+    turns = {name: [] for name in folders}
     for _ in range(repeats):
-        generator = og.Generator(model, og.GeneratorParams(model))
-        start = time.perf_counter()
-        generator.append_tokens(np.asarray(prompt, dtype=np.int32)[None])
-        prefill.append((time.perf_counter() - start) * 1e3)
-        del generator
-    runs = [generate(model, prompt, max_new_tokens=new) for _ in range(repeats)]
-    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    return {
-        "prefill_ms": statistics.median(prefill),
-        "decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
-        "tokens": runs[0].tokens,
-        "mb": size / 1024**2,
-    }
+        for name, folder in folders.items():
+            turns[name].append(measure_once(folder, prompt, new))
+    results = {}
+    for name, runs in turns.items():
+        size = sum(f.stat().st_size for f in folders[name].iterdir() if f.is_file())
+        results[name] = {
+            "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+            "tokens": runs[0]["tokens"],
+            "mb": size / 1024**2,
+        }
+    return results
 
 
 def main() -> None:
@@ -109,14 +124,14 @@ def main() -> None:
                         moe, dense_dir, scratch / f"moe-k{k}-{op}-{precision}", precision=precision,
                         experts_op=op,
                     )
-            for name, folder in folders.items():
-                console.print(f"measuring {name} {precision} ...")
-                rows.append((name, precision, measure(folder, prompt, args.new, args.repeats)))
+            console.print(f"measuring {', '.join(folders)} at {precision}, in turns ...")
+            for name, result in measure_in_turns(folders, prompt, args.new, args.repeats).items():
+                rows.append((name, precision, result))
     reference = rows[0][2]["tokens"]  # fp32 dense
     base = {p: r for n, p, r in rows if n == "dense"}
     table = Table(
         title=f"ONNX Runtime GenAI, LLaMA d={args.d_model}, {args.layers} layers, vocab 1000: prompt "
-        f"{args.prompt} tokens, {args.new} new tokens, CPU, median of {args.repeats}"
+        f"{args.prompt} tokens, {args.new} new tokens, CPU, median of {args.repeats} rounds in turns"
     )
     for column in (
         "model",
