@@ -20,7 +20,7 @@ Calibration inits (router_init="kmeans", clustered split given `calibration=`) f
 inputs through the dense structure one module at a time (layerwise.py), keeping what each FFN saw.
 With share_router, the one router is upcycled by the first layer (as in memory) and written once.
 
-Memory: runtime + one FFN's dense weights (mmapped, read as used) + one expert + one tensor copied
+Memory: runtime + one FFN's dense weights (read from the shards) + one expert + one tensor copied
 through, whatever E (+ with calibration, the recorded FFN inputs: tokens x d_model per FFN). Expert by
 expert: init copy, noise, drop, split (random, or clustered: the partition is made from the dense FFN
 first) and granular, with router_init random, zeros or kmeans. Whole layer (runtime + E x the FFN):
