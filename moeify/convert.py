@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ from moeify.passes.match import FFNMatch, Rejection
 from moeify.passes.rewrite import dense_weights
 from moeify.passes.token_ids import reads_token_ids
 from moeify.report import REPORT_ATTR, ConversionReport, FFNReport, count_params
-from moeify.upcycle import expert_d_ff, upcycle_layer
+from moeify.upcycle import expert_d_ff, upcycle_layer, upcycle_layer_lazily
 
 
 def find_ffns(model: nn.Module) -> list[FFNMatch]:
@@ -148,7 +149,7 @@ def convert(
     shared_routers: dict[int, nn.Module] = {}  # d_model -> router, with share_router (Omni-router)
     registered = Counter(id(p) for _, p in target.named_parameters(remove_duplicate=False))
     for index, site in enumerate(selected):
-        cfg, layer = _build_layer(target, site, config, index, calib.get(site.match.name), shared_routers)
+        cfg, layer, _ = _build_layer(target, site, config, index, calib.get(site.match.name), shared_routers)
         layers.append((site, cfg, layer))
         if not inplace:  # our own copy: its dense FFN goes as soon as the experts hold its weights
             _release_dense(target, site, registered)
@@ -189,11 +190,13 @@ def select_sites(target: nn.Module, config: ConvertConfig, filter_fn=None
 
 def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int,
                  calibration, shared_routers: dict[int, nn.Module] | None = None,
-                 spare: dict | None = None) -> tuple[MoEConfig, MoELayer]:
+                 spare: dict | None = None, *, lazy_experts: bool = False):
     """One FFN's MoE layer: its MoEConfig (shape from the FFN, the rest from `config`), built with the
     FFN's device, dtype and mode, and upcycled from its dense weights. With `config.share_router`, a layer
     whose width is in `shared_routers` routes with that router, which its upcycling leaves as it was.
-    `spare`: expert tensors ("w1", "w2") free for reuse as this layer's storage (see _final_storage)."""
+    `spare`: expert tensors ("w1", "w2") free for reuse as this layer's storage (see _final_storage).
+    Returns (MoEConfig, layer, experts): experts is None, or with `lazy_experts` (an init that
+    `upcycle_layer_lazily` takes) the experts one at a time, the layer's expert tensors left on meta."""
     m = site.match
     cfg = config.layer_config(d_model=m.d_model, d_ff=_expert_width(config, site), activation=m.activation,
                               gated=m.gated, bias=m.bias)
@@ -209,17 +212,23 @@ def _build_layer(model: nn.Module, site: Site, config: ConvertConfig, index: int
                              activation=activation)
         except ConfigError as exc:
             raise ConfigError(f"FFN {m.name!r}: {exc}") from None
-        if config.init.init != "none" and cfg.expert_param == "dense":  # the upcycling fills them
+        if config.init.init != "none" and cfg.expert_param == "dense" and not lazy_experts:  # upcycling fills them
             _final_storage(layer, dense.w1.device, dense.w1.dtype, spare)
-        layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
+        # lazy: the experts are made and handed over one at a time, never stored here
+        with _experts_on_meta(layer, dense.w1.dtype, lazy_experts):
+            layer.to(device=dense.w1.device, dtype=dense.w1.dtype)
         layer.train(site.cand.cap.module.training)  # an eval-mode model gets eval-mode layers
         kept = None if shared is None else {k: v.clone() for k, v in shared.state_dict().items()}
-        upcycle_layer(layer, dense, config.init, calibration=calibration, key=m.name)
+        experts = None
+        if lazy_experts:
+            _, experts = upcycle_layer_lazily(layer, dense, config.init, calibration=calibration, key=m.name)
+        else:
+            upcycle_layer(layer, dense, config.init, calibration=calibration, key=m.name)
         if kept is not None:  # the shared router was initialised once, by its first layer
             shared.load_state_dict(kept)
         elif config.share_router and shared_routers is not None:
             shared_routers[m.d_model] = layer.router
-    return cfg, layer
+    return cfg, layer, experts
 
 
 def _release_dense(model: nn.Module, site: Site, registered: Counter) -> None:
@@ -238,6 +247,24 @@ def _release_dense(model: nn.Module, site: Site, registered: Counter) -> None:
         if p is not None and p.device.type != "meta" and registered[id(p)] == 1:
             owner._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"),
                                                    requires_grad=p.requires_grad)
+
+
+EXPERT_TENSORS = ("w1", "w2", "b1", "b2")
+
+
+@contextmanager
+def _experts_on_meta(layer: MoELayer, dtype: torch.dtype, active: bool):
+    """When `active`: inside, the layer without its expert tensors (so `.to(...)` leaves them be); after,
+    meta tensors of their shapes in `dtype` (no memory: their values come one expert at a time)."""
+    kept = {}
+    for name in EXPERT_TENSORS if active else ():
+        p = layer._parameters.get(name)
+        if p is not None:
+            kept[name] = nn.Parameter(torch.empty(p.shape, device="meta", dtype=dtype),
+                                      requires_grad=p.requires_grad)
+            layer._parameters[name] = None
+    yield
+    layer._parameters.update(kept)
 
 
 def _final_storage(layer: MoELayer, device: torch.device, dtype: torch.dtype, spare: dict | None) -> None:

@@ -1,5 +1,5 @@
 """`moeify convert` of a Hugging Face safetensors directory: streamed (moeify/io/streaming.py), so memory
-stays at one FFN's experts whatever the model's size. Other inputs (and --no-stream) convert in memory."""
+stays at one expert (+ one dense FFN) whatever the model's size. Other inputs (and --no-stream) convert in memory."""
 
 from __future__ import annotations
 

@@ -1,9 +1,13 @@
-"""Safetensors shards written tensor by tensor: memory is one tensor, whatever the shard size.
+"""Safetensors shards written tensor by tensor, or piece by piece: memory is one piece, whatever the
+shard size.
 
-The layout (every tensor's name, shape and dtype, in the order they will come) is known before the first
+The layout (every tensor's name, shape and dtype, in the order they are stored) is known before the first
 byte: the shards are planned from it (the same greedy cut and file names as `weights.write_safetensors`),
-each shard's header is written when it opens, and each tensor's bytes go straight to the file.
-`files()` names what was written, the index JSON included when there are several shards.
+so every tensor's place in its file is known. A shard's header is written when the shard is first
+written to, and each tensor's bytes go straight to their place: whole (`write`), or in pieces
+(`write_part`: e.g. expert e's rows of a row-major [E, ...] tensor, one expert at a time), in any order.
+A shard is closed once all its bytes are written. `files()` names what was written, the index JSON
+included when there are several shards.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def _header(shard: list[Slot], metadata: dict[str, str]) -> bytes:
 
 
 class ShardWriter:
-    """Write `layout`'s tensors, in its order, into `directory` as safetensors shards."""
+    """Write `layout`'s tensors into `directory` as safetensors shards (files as `plan_shards` cuts them)."""
 
     def __init__(self, directory: Path, layout: list[Slot], max_shard_bytes: int,
                  metadata: dict[str, str] | None = None, progress: Progress | None = None):
@@ -72,40 +76,65 @@ class ShardWriter:
         self.total = sum(slot.nbytes for slot in layout)
         self.done = 0
         self.progress = progress
-        self._queue = [(i, slot) for i, shard in enumerate(self.shards) for slot in shard]
-        self._next = 0
-        self._file = None
+        self._headers = [_header(shard, self.metadata) for shard in self.shards]
+        self._place: dict[str, tuple[int, int, Slot]] = {}  # name -> (shard, file offset of its data, slot)
+        for index, (shard, header) in enumerate(zip(self.shards, self._headers, strict=True)):
+            offset = len(header)
+            for slot in shard:
+                self._place[slot.name] = (index, offset, slot)
+                offset += slot.nbytes
+        self._written = dict.fromkeys(self._place, 0)  # name -> bytes written
+        self._left = [sum(slot.nbytes for slot in shard) for shard in self.shards]  # bytes per shard
+        self._open: dict[int, object] = {}  # shard -> its file, from its first write to its last
+        self._started: set[int] = set()
         if progress:
             progress(0, self.total)
 
-    @property
-    def expected(self) -> Slot | None:
-        """The slot the next `write` must fill (None when all are written)."""
-        return self._queue[self._next][1] if self._next < len(self._queue) else None
-
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        shard_index, slot = self._queue[self._next]
-        if name != slot.name or tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+        """The whole tensor `name` (its shape and dtype as planned)."""
+        slot = self._slot(name)
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
             raise RuntimeError(f"shard writer expected {slot}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        if self._file is None:
-            path = self.directory / self.names[shard_index]
-            self._file = open(path, "wb")
-            self._file.write(_header(self.shards[shard_index], self.metadata))
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            self._file.write(data.view(torch.uint8).numpy().data)
-        self._next += 1
-        self.done += slot.nbytes
-        if self._next == len(self._queue) or self._queue[self._next][0] != shard_index:
-            self._file.close()
-            self._file = None
+        self.write_part(name, tensor, 0)
+
+    def write_part(self, name: str, tensor: torch.Tensor, start: int) -> None:
+        """Bytes [start, start + tensor's bytes) of tensor `name`, as a row-major `tensor` of its dtype
+        holds them (e.g. start = e * one expert's bytes for expert e of an [E, ...] tensor)."""
+        slot = self._slot(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.dtype != slot.dtype or start < 0 or start + nbytes > slot.nbytes:
+            raise RuntimeError(f"shard writer: {name} {tensor.dtype} bytes [{start}, {start + nbytes}) do "
+                               f"not fit {slot}")
+        index, offset, _ = self._place[name]
+        if index not in self._started:  # its header first (a shard of empty tensors is the header alone)
+            self._started.add(index)
+            self._open[index] = open(self.directory / self.names[index], "wb")
+            self._open[index].write(self._headers[index])
+        if nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
+            file = self._open[index]
+            file.seek(offset + start)
+            file.write(data.view(torch.uint8).numpy().data)
+        self._written[name] += nbytes
+        self._left[index] -= nbytes
+        self.done += nbytes
+        if self._left[index] == 0 and index in self._open:
+            self._open.pop(index).close()
         if self.progress:
             self.progress(self.done, self.total)
 
+    def _slot(self, name: str) -> Slot:
+        if name not in self._place:
+            raise RuntimeError(f"shard writer: {name} is not in the planned layout")
+        return self._place[name][2]
+
     def files(self) -> list[str]:
-        """Finish: write the index (when sharded); the file names written. Every slot must be filled."""
-        if self._next != len(self._queue):
-            raise RuntimeError(f"shard writer closed with {len(self._queue) - self._next} tensors unwritten")
+        """Finish: write the index (when sharded); the file names written. Every byte must be written."""
+        unwritten = [name for name, (index, _, slot) in self._place.items()
+                     if self._written[name] != slot.nbytes or index not in self._started]
+        if unwritten:
+            raise RuntimeError(f"shard writer closed with {len(unwritten)} tensors not (or not exactly) "
+                               f"written, first {unwritten[0]}")
         names = list(self.names)
         if len(self.shards) > 1:
             weight_map = {slot.name: file for file, shard in zip(self.names, self.shards, strict=True)
@@ -118,7 +147,6 @@ class ShardWriter:
         return names
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
+        for file in self._open.values():
+            file.close()
+        self._open.clear()

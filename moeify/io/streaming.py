@@ -1,4 +1,4 @@
-"""Convert a checkpoint to disk with bounded memory: one FFN's experts and one tensor at a time.
+"""Convert a checkpoint to disk with bounded memory: one expert and one tensor at a time.
 
     moeify.io.streaming.convert_checkpoint("Llama-3-8B/", "llama-moe/", experts=8, k=2, init="copy")
     moeify.io.streaming.convert_checkpoint(model, "out/", config)       # a model in memory: the same path
@@ -10,15 +10,21 @@ How (the same steps whatever holds the dense weights, see lazy_source.py):
 2. The output tensors are written in order. A tensor of a converted FFN comes from that FFN's MoE layer,
    built and upcycled by convert's own `_build_layer` from the dense weights read lazily (so it is
    bit-identical to `moeify.convert` of the loaded model); the layer is dropped once its tensors are
-   written. Every other tensor is read and copied through.
+   written. Its experts are made by the strategy one at a time (`moeify.upcycle.upcycle_layer_lazily`,
+   the same code that fills them in memory) and each is written into its rows of the [E, ...] tensors
+   (`ShardWriter.write_part`): the [E, ...] tensors never exist in memory. Every other tensor is read
+   and copied through.
 3. Everything goes into a temporary directory beside the output, renamed into place at the end; an error
    or Ctrl-C leaves nothing behind.
 Calibration inits (router_init="kmeans", clustered split given `calibration=`) first run the calibration
 inputs through the dense structure one module at a time (layerwise.py), keeping what each FFN saw.
 With share_router, the one router is upcycled by the first layer (as in memory) and written once.
 
-Memory: runtime + one FFN's MoE layer (E x the FFN) + its dense weights + one tensor (+ with calibration,
-the recorded FFN inputs: tokens x d_model per FFN).
+Memory: runtime + one FFN's dense weights (read from the shards) + one expert + one tensor copied
+through, whatever E (+ with calibration, the recorded FFN inputs: tokens x d_model per FFN). Expert by
+expert: init copy, noise, drop, split (random, or clustered: the partition is made from the dense FFN
+first) and granular, with router_init random, zeros or kmeans. Whole layer (runtime + E x the FFN):
+init="none" (a random init of the whole layer) and router_init="avg_k" (it reads every expert).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moeify.convert import _build_layer, _expert_width, convert, select_sites
+from moeify.convert import EXPERT_TENSORS, _build_layer, _expert_width, convert, select_sites
 from moeify.convert_config import ConvertConfig, config_from_call
 from moeify.errors import MoeifyError, UpcycleError
 from moeify.io.atomic import atomic_output
@@ -45,6 +51,7 @@ from moeify.io.shard_writer import ShardWriter, Slot
 from moeify.io.weights import DEFAULT_SHARD_BYTES
 from moeify.layer import MoELayer
 from moeify.report import REPORT_ATTR, conversion_report
+from moeify.upcycle.strategies import experts_one_at_a_time
 from moeify.version import __version__
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -242,14 +249,26 @@ def hf_layout(plan: Plan, fmt: str) -> tuple[list[Slot], dict[str, tuple], objec
 def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorReader, config: ConvertConfig,
                   writer: ShardWriter, calibration: dict[str, torch.Tensor] | None = None) -> None:
     """Produce each output tensor in order: MoE layers one at a time, everything else copied through.
-    `calibration`: FFN name -> its recorded inputs, for calibration-based inits."""
+    `calibration`: FFN name -> its recorded inputs, for calibration-based inits.
+    An init that makes its experts one at a time (`experts_one_at_a_time`) has each layer's expert tensors
+    (w1, w2, b1, b2, [E, ...] each) written expert by expert when the layer is reached, one expert in
+    memory; otherwise the layer is built whole."""
+    lazy = experts_one_at_a_time(config.init)
+    expert_slots: dict[str, dict[str, Slot]] = {}  # layer path -> "w1" etc. -> its output slot
+    for slot in slots:
+        kind, *where = origin[slot.name]
+        if kind == "layer" and where[1] in EXPERT_TENSORS:
+            expert_slots.setdefault(where[0], {})[where[1]] = slot
     current: tuple[str, dict] | None = None
     shared_routers: dict[int, nn.Module] = {}  # with share_router: built by the first layer, kept
     last_index = -1
+    written: set[str] = set()  # layers whose experts are written (lazy)
     for slot in slots:
         kind, *where = origin[slot.name]
         if kind == "layer":
             path, local = where
+            if lazy and local in EXPERT_TENSORS and path in written:
+                continue  # written with its layer, expert by expert
             if current is None or current[0] != path:
                 # the previous layer is written: free it, its expert tensors become the next one's storage
                 spare = {k: current[1][k] for k in ("w1", "w2")} if current is not None else None
@@ -261,10 +280,16 @@ def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorRea
                 last_index = index
                 site = plan.sites[index]
                 inputs = (calibration or {}).get(site.match.name)
-                _, layer = _build_layer(reader, site, config, index, inputs, shared_routers, spare)
+                _, layer, experts = _build_layer(reader, site, config, index, inputs, shared_routers, spare,
+                                                 lazy_experts=lazy)
                 spare = None
                 current = (path, {k: v.detach() for k, v in layer.state_dict().items()})
                 del layer
+                if experts is not None:
+                    _write_experts(writer, experts, expert_slots.get(path, {}))
+                    written.add(path)
+                    if local in EXPERT_TENSORS:
+                        continue
             tensor = current[1][local]
         elif kind == "source":
             tensor = reader.get(where[0])
@@ -272,6 +297,25 @@ def write_tensors(plan: Plan, slots: list[Slot], origin: dict, reader: TensorRea
             tensor = where[0]
         writer.write(slot.name, tensor)
         del tensor
+
+
+@torch.no_grad()
+def _write_experts(writer: ShardWriter, experts, slots: dict[str, Slot]) -> None:
+    """Expert e's tensors into rows e of the layer's [E, ...] outputs, one expert at a time (row-major:
+    expert e's bytes are the e-th contiguous piece). Cast as `copy_` into the layer's tensor would; a bias
+    the dense FFN lacks is zeros."""
+    for e, expert in enumerate(experts):
+        for local, slot in slots.items():
+            value = getattr(expert, local)
+            if value is None:
+                value = torch.zeros(slot.shape[1:], dtype=slot.dtype)
+            if tuple(value.shape) != slot.shape[1:]:
+                raise MoeifyError(f"internal: expert {e} of {slot.name} has shape {tuple(value.shape)}, "
+                                  f"planned {slot.shape[1:]}; convert in memory (--no-stream) and report "
+                                  "this")
+            piece = value.to(slot.dtype)
+            writer.write_part(slot.name, piece, e * piece.numel() * piece.element_size())
+            del value, piece
 
 
 def convert_checkpoint(source: str | Path | nn.Module, out: str | Path, config: ConvertConfig | None = None,

@@ -1,4 +1,5 @@
-"""Helpers shared by the strategies: seeded generators, the result record, filling experts from neurons.
+"""Helpers shared by the strategies: seeded generators, the result record, experts made from neurons one
+at a time (`ExpertTensors`) and filled into a layer.
 
 Shape legend: D d_model, H dense d_ff, He expert d_ff, E experts.
 """
@@ -6,6 +7,7 @@ Shape legend: D d_model, H dense d_ff, He expert d_ff, E experts.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,35 +84,62 @@ def expert_rows(idx: Tensor, H: int, gated: bool) -> Tensor:
     return torch.cat([idx, idx + H]) if gated else idx
 
 
+@dataclass
+class ExpertTensors:
+    """One expert's weights as the strategy made them (any dtype: the consumer casts to the layer's, as
+    `copy_` does). b1/b2 None: the dense FFN has none (a layer with biases gets zeros)."""
+
+    w1: Tensor  # [H1e, D]
+    w2: Tensor  # [D, He]
+    b1: Tensor | None = None  # [H1e]
+    b2: Tensor | None = None  # [D]
+
+
+# What every data-free strategy returns: its record, and its experts made one at a time, in expert order
+# (the generator is drawn from as they are made, so they must be consumed in order, each once).
+ExpertPlan = tuple[UpcycleResult, Iterator[ExpertTensors]]
+
+
 @torch.no_grad()
-def fill_from_partition(layer, dense: DenseFFNWeights, partition: Tensor, w2_scale: float = 1.0,
-                        b2_scale: float = 1.0) -> None:
-    """Expert e <- the dense FFN restricted to hidden units partition[e] ([E, He]), w2 and b2 scaled.
+def partition_experts(dense: DenseFFNWeights, partition: Tensor, w2_scale: float = 1.0,
+                      b2_scale: float = 1.0) -> Iterator[ExpertTensors]:
+    """Expert e = the dense FFN restricted to hidden units partition[e] ([E, He]), w2 and b2 scaled.
 
     Expert e computes w2_scale * w2[:, P] act(w1[P] x + b1[P]) + b2_scale * b2 with P = partition[e]
-    (gate and up rows of a unit move together). One expert at a time, so memory stays at one expert.
+    (gate and up rows of a unit move together). Every unit in order (copy) yields the dense tensors
+    themselves (no gather); a scale of 1 is exact (no float32 round trip).
     """
     H = dense.d_ff
-    E = layer.w1.shape[0]
     every_unit = torch.arange(H)
-    for e in range(E):
+    for e in range(partition.shape[0]):
         if partition[e].shape[0] == H and torch.equal(partition[e].cpu(), every_unit):
-            w1, b1, w2 = dense.w1, dense.b1, dense.w2  # every unit in order (copy): no gather
+            w1, b1, w2 = dense.w1, dense.b1, dense.w2
         else:
             idx = partition[e].to(dense.w1.device)
             rows = expert_rows(idx, H, dense.gated)
             w1, w2 = dense.w1.index_select(0, rows), dense.w2.index_select(1, idx)
             b1 = dense.b1.index_select(0, rows) if dense.b1 is not None else None
-        layer.w1[e].copy_(w1)
-        # a scale of 1 is exact: copied as it is, without a float32 round trip
-        layer.w2[e].copy_(w2 if w2_scale == 1.0 else w2.float() * w2_scale)
-        if layer.b1 is not None:
-            layer.b1[e].copy_(b1) if b1 is not None else layer.b1[e].zero_()
-        if layer.b2 is not None:
-            if dense.b2 is None:
-                layer.b2[e].zero_()
-            else:
-                layer.b2[e].copy_(dense.b2 if b2_scale == 1.0 else dense.b2.float() * b2_scale)
+        b2 = dense.b2 if dense.b2 is None or b2_scale == 1.0 else dense.b2.float() * b2_scale
+        yield ExpertTensors(w1, w2 if w2_scale == 1.0 else w2.float() * w2_scale, b1, b2)
+
+
+@torch.no_grad()
+def fill_experts(layer, experts: Iterable[ExpertTensors]) -> None:
+    """layer.w1/w2/b1/b2[e] <- the e-th expert, one at a time (memory: one expert beyond the layer)."""
+    for e, t in enumerate(experts):
+        layer.w1[e].copy_(t.w1)
+        layer.w2[e].copy_(t.w2)
+        for name, value in (("b1", t.b1), ("b2", t.b2)):
+            target = getattr(layer, name)
+            if target is not None:
+                target[e].copy_(value) if value is not None else target[e].zero_()
+
+
+@torch.no_grad()
+def fill_from_partition(layer, dense: DenseFFNWeights, partition: Tensor, w2_scale: float = 1.0,
+                        b2_scale: float = 1.0) -> None:
+    """Expert e <- the dense FFN restricted to hidden units partition[e] (see `partition_experts`)."""
+    fill_experts(layer, partition_experts(dense, partition, w2_scale, b2_scale))
 
 
 def tensor_stats(t: Tensor) -> tuple[float, float]:

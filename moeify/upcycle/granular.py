@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from moeify.upcycle._common import UpcycleResult, fill_from_partition, slice_scales
+from moeify.upcycle._common import ExpertPlan, UpcycleResult, fill_experts, partition_experts, slice_scales
 from moeify.upcycle.config import UpcycleError
 
 Tensor = torch.Tensor
@@ -53,10 +53,16 @@ def granular_partition(d_ff: int, num_experts: int, granularity: int) -> Tensor:
     return slices[torch.arange(num_experts) % granularity]
 
 
+def granular_experts(dense, cfg, calibration, gen, moe_config, dtype) -> ExpertPlan:
+    G = cfg.granularity
+    partition = granular_partition(dense.d_ff, moe_config.num_experts, G)
+    w2_scale, b2_scale = slice_scales(moe_config, G)
+    result = UpcycleResult(init="granular", partition=partition, w2_scale=w2_scale, b2_scale=b2_scale)
+    return result, partition_experts(dense, partition, w2_scale, b2_scale)
+
+
 @torch.no_grad()
 def upcycle_granular(layer, dense, cfg, calibration, gen) -> UpcycleResult:
-    E, G = layer.w1.shape[0], cfg.granularity
-    partition = granular_partition(dense.d_ff, E, G)
-    w2_scale, b2_scale = slice_scales(layer.config, G)
-    fill_from_partition(layer, dense, partition, w2_scale, b2_scale)
-    return UpcycleResult(init="granular", partition=partition, w2_scale=w2_scale, b2_scale=b2_scale)
+    result, experts = granular_experts(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
+    fill_experts(layer, experts)
+    return result

@@ -10,24 +10,38 @@ from __future__ import annotations
 
 import torch
 
-from moeify.upcycle._common import UpcycleResult, tensor_stats
-from moeify.upcycle.copying import upcycle_copy
+from moeify.upcycle._common import ExpertPlan, ExpertTensors, UpcycleResult, fill_experts, tensor_stats
+from moeify.upcycle.copying import copy_experts
 
 Tensor = torch.Tensor
+PARTS = ("w1", "w2", "b1", "b2")  # the order the noise is drawn in, per expert
+
+
+def noise_experts(dense, cfg, calibration, gen, moe_config, dtype) -> ExpertPlan:
+    """The copies, each tensor + its noise added in the layer's `dtype` (expert by expert, in PARTS order)."""
+    result, copies = copy_experts(dense, cfg, calibration, gen, moe_config, dtype)
+    result.init = "noise"
+    if cfg.noise_std == 0:
+        return result, copies
+    stds = {name: tensor_stats(getattr(dense, name))[1] for name in PARTS if getattr(dense, name) is not None}
+    return result, _noisy(copies, stds, cfg.noise_std, gen, dtype)
+
+
+@torch.no_grad()
+def _noisy(copies, stds: dict[str, float], noise_std: float, gen: torch.Generator, dtype: torch.dtype):
+    for copy in copies:
+        parts = {}
+        for name in PARTS:
+            value = getattr(copy, name)
+            if name in stds:
+                noise = torch.randn(value.shape, generator=gen) * (noise_std * stds[name])
+                value = value.to(dtype=dtype, copy=True).add_(noise.to(device=value.device, dtype=dtype))
+            parts[name] = value
+        yield ExpertTensors(**parts)
 
 
 @torch.no_grad()
 def upcycle_noise(layer, dense, cfg, calibration, gen) -> UpcycleResult:
-    result = upcycle_copy(layer, dense, cfg, calibration, gen)
-    result.init = "noise"
-    if cfg.noise_std == 0:
-        return result
-    pairs = [(layer.w1, dense.w1), (layer.w2, dense.w2), (layer.b1, dense.b1), (layer.b2, dense.b2)]
-    for e in range(layer.w1.shape[0]):
-        for target, source in pairs:
-            if target is None or source is None:
-                continue
-            _, std = tensor_stats(source)
-            noise = torch.randn(target.shape[1:], generator=gen) * (cfg.noise_std * std)
-            target[e].add_(noise.to(device=target.device, dtype=target.dtype))
+    result, experts = noise_experts(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
+    fill_experts(layer, experts)
     return result

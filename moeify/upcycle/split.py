@@ -29,9 +29,11 @@ import torch
 from moeify.activations import apply_expert_activation
 from moeify.upcycle._common import (
     MAX_NEURON_FEATURE_TOKENS,
+    ExpertPlan,
     UpcycleResult,
-    fill_from_partition,
+    fill_experts,
     flatten_calibration,
+    partition_experts,
     slice_scales,
 )
 from moeify.upcycle.config import UpcycleError
@@ -85,11 +87,19 @@ def neuron_partition(dense, num_experts: int, cfg, calibration: Tensor | None,
     return order.view(E, H // E), features
 
 
+def split_experts(dense, cfg, calibration, gen, moe_config, dtype) -> ExpertPlan:
+    """The partition is made first (from the dense FFN, and the calibration for "cluster"), then the
+    experts one at a time."""
+    E = moe_config.num_experts
+    partition, features = neuron_partition(dense, E, cfg, calibration, gen)
+    w2_scale, b2_scale = slice_scales(moe_config, E)
+    result = UpcycleResult(init="split", partition=partition, split_features=features, w2_scale=w2_scale,
+                           b2_scale=b2_scale)
+    return result, partition_experts(dense, partition, w2_scale, b2_scale)
+
+
 @torch.no_grad()
 def upcycle_split(layer, dense, cfg, calibration, gen) -> UpcycleResult:
-    E = layer.w1.shape[0]
-    partition, features = neuron_partition(dense, E, cfg, calibration, gen)
-    w2_scale, b2_scale = slice_scales(layer.config, E)
-    fill_from_partition(layer, dense, partition, w2_scale, b2_scale)
-    return UpcycleResult(init="split", partition=partition, split_features=features, w2_scale=w2_scale,
-                         b2_scale=b2_scale)
+    result, experts = split_experts(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
+    fill_experts(layer, experts)
+    return result

@@ -1,23 +1,24 @@
-"""Upcycling entry points: `expert_d_ff` and `upcycle_layer`, dispatching to one file per strategy.
+"""Upcycling entry points: `expert_d_ff`, `upcycle_layer` and `upcycle_layer_lazily` (the experts one at a
+time), dispatching to one file per strategy.
 
 Shape legend: D d_model, H dense d_ff, H1 = 2H when gated, E experts, G granularity.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-from moeify.upcycle._common import UpcycleResult, make_generator
+from moeify.upcycle._common import ExpertPlan, ExpertTensors, UpcycleResult, fill_experts, make_generator
 from moeify.upcycle.config import DenseFFNWeights, UpcycleConfig, UpcycleError
-from moeify.upcycle.copying import upcycle_copy
-from moeify.upcycle.drop import upcycle_drop
-from moeify.upcycle.granular import check_granularity, upcycle_granular
+from moeify.upcycle.copying import copy_experts, upcycle_copy
+from moeify.upcycle.drop import drop_experts, upcycle_drop
+from moeify.upcycle.granular import check_granularity, granular_experts, upcycle_granular
 from moeify.upcycle.mpo import upcycle_mpo
-from moeify.upcycle.noise import upcycle_noise
+from moeify.upcycle.noise import noise_experts, upcycle_noise
 from moeify.upcycle.router_init import init_router
-from moeify.upcycle.split import check_split, upcycle_split
+from moeify.upcycle.split import check_split, split_experts, upcycle_split
 
 Tensor = torch.Tensor
 
@@ -29,8 +30,20 @@ STRATEGIES: dict[str, Callable[..., UpcycleResult]] = {
     "split": upcycle_split,
     "granular": upcycle_granular,
 }
+# init -> experts(dense, cfg, calibration, generator, moe_config, dtype) -> (UpcycleResult, experts one
+# at a time): what each fill above is made of (fill = these experts copied into the layer).
+EXPERT_PLANS: dict[str, Callable[..., ExpertPlan]] = {
+    "copy": copy_experts,
+    "noise": noise_experts,
+    "drop": drop_experts,
+    "split": split_experts,
+    "granular": granular_experts,
+}
+# Router inits that read the filled experts: a layer upcycled with one is made whole (upcycle_layer_lazily).
+READS_EXPERTS = frozenset({"avg_k"})
 
-__all__ = ["DenseFFNWeights", "STRATEGIES", "UpcycleConfig", "UpcycleResult", "expert_d_ff", "upcycle_layer"]
+__all__ = ["DenseFFNWeights", "EXPERT_PLANS", "ExpertTensors", "STRATEGIES", "UpcycleConfig", "UpcycleResult",
+           "expert_d_ff", "experts_one_at_a_time", "upcycle_layer", "upcycle_layer_lazily"]
 
 
 def expert_d_ff(cfg: UpcycleConfig, dense_d_ff: int, num_experts: int) -> int:
@@ -87,17 +100,55 @@ def upcycle_layer(layer, dense: DenseFFNWeights, cfg: UpcycleConfig, calibration
         key: names the layer (e.g. its module path, or its index) so that layers upcycled with the same
             seed get independent draws. Same seed + key + inputs -> same weights.
 
-    init="none" leaves everything as it is. Otherwise the experts are filled by the strategy, the router
-    per `cfg.resolved_router_init`, and shared experts (if any) get a zero output projection (w2, b2),
-    so they add nothing at init and the dense function is kept; they train from there.
+    init="none" leaves everything as it is. Otherwise the experts are filled by the strategy (one at a
+    time, see `EXPERT_PLANS`), the router per `cfg.resolved_router_init`, and shared experts (if any) get
+    a zero output projection (w2, b2), so they add nothing at init and the dense function is kept; they
+    train from there.
     """
     if cfg.init == "none":
         return UpcycleResult(init="none")
-    _check_fit(layer, dense, cfg)
-    if layer.config.expert_param == "mpo":
+    if layer.config.expert_param == "mpo":  # one decomposition shared by every expert (moeify.upcycle.mpo)
+        _check_fit(layer, dense, cfg)
         result = upcycle_mpo(layer, dense, cfg)
     else:
-        result = STRATEGIES[cfg.init](layer, dense, cfg, calibration, make_generator(cfg.seed, key, "experts"))
+        result, experts = _plan(layer, dense, cfg, calibration, key)
+        fill_experts(layer, experts)
+    _init_rest(layer, cfg, calibration, key, result)
+    return result
+
+
+def upcycle_layer_lazily(layer, dense: DenseFFNWeights, cfg: UpcycleConfig, calibration: Tensor | None = None,
+                         *, key: int | str = 0) -> tuple[UpcycleResult, Iterator[ExpertTensors]]:
+    """`upcycle_layer` without filling the experts: the router and shared experts are initialised, the
+    experts come back one at a time (in order, each once; cast each to the layer's dtype), equal to what
+    `upcycle_layer` puts in layer.w1[e] etc. The layer's expert tensors are not read or written (they may
+    be on the meta device). What streaming conversion writes from, one expert in memory at a time.
+
+    Every data-free init and the calibrated split are lazy; a router init that reads the experts
+    (READS_EXPERTS: "avg_k") is not, and raises UpcycleError (use `upcycle_layer`).
+    """
+    if not experts_one_at_a_time(cfg):
+        raise UpcycleError(f"init={cfg.init!r} with router_init={cfg.resolved_router_init!r} builds the "
+                           "experts whole; use upcycle_layer")
+    result, experts = _plan(layer, dense, cfg, calibration, key)
+    _init_rest(layer, cfg, calibration, key, result)
+    return result, experts
+
+
+def experts_one_at_a_time(cfg: UpcycleConfig) -> bool:
+    """Whether `upcycle_layer_lazily` takes `cfg`: a strategy of EXPERT_PLANS and a router init that does
+    not read the experts."""
+    return cfg.init in EXPERT_PLANS and cfg.resolved_router_init not in READS_EXPERTS
+
+
+def _plan(layer, dense: DenseFFNWeights, cfg: UpcycleConfig, calibration, key) -> ExpertPlan:
+    _check_fit(layer, dense, cfg)
+    gen = make_generator(cfg.seed, key, "experts")
+    return EXPERT_PLANS[cfg.init](dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
+
+
+def _init_rest(layer, cfg: UpcycleConfig, calibration, key, result: UpcycleResult) -> None:
+    """The router (its own generator, so independent of when the experts are drawn) and shared experts."""
     groups = cfg.granularity if cfg.init == "granular" else 1
     result.router_init = init_router(layer, cfg, calibration, make_generator(cfg.seed, key, "router"),
                                      groups)
@@ -106,4 +157,3 @@ def upcycle_layer(layer, dense: DenseFFNWeights, cfg: UpcycleConfig, calibration
         shared.w2.zero_()
         if shared.b2 is not None:
             shared.b2.zero_()
-    return result
