@@ -175,7 +175,8 @@ def _session(model: str, threads: int | None, provider: str | None):
               "tokenizer files (default: MODEL when it has them).")
 @click.option("--genai-experts", type=click.Choice(["auto", "fused", "loop"]), default="auto", show_default=True,
               help="With --genai: experts as com.microsoft.MoE/QMoE (fused) or as one dense MLP per expert "
-                   "over its tokens (loop); auto: loop at int4/int8, fused at fp32/fp16.")
+                   "over its tokens (loop); auto: loop at int4/int8 and at fp32 from model width 1024, "
+                   "else fused.")
 @click.option("--force", is_flag=True, help="With --genai: replace an existing output folder.")
 @click.option("--genai-route", type=click.Choice(["auto", "builder", "own"]), default="auto",
               show_default=True,

@@ -70,7 +70,8 @@ def export_genai(
         provider: cpu | cuda, the execution provider the folder is built for.
         tokenizer_dir: the folder holding the source model's tokenizer files (required).
         experts_op: "fused" (com.microsoft.MoE / QMoE), "loop" (a dense MLP per expert over its tokens:
-            MatMul / MatMulNBits, moeify.genai.expert_loop) or "auto" (loop at int4/int8, fused otherwise).
+            MatMul / MatMulNBits, moeify.genai.expert_loop) or "auto" (loop at int4/int8 and at fp32 from
+            width 1024, fused otherwise: `surgery.resolve_experts_op`).
         force: replace an existing `out_dir` that moeify wrote.
         route: auto (the builder where it knows the architecture, else the own route) | builder | own
             (see moeify.genai.routes).

@@ -141,3 +141,15 @@ def test_unknown_activation_is_refused():
     x, logits, w1, b1, w2, b2 = ungated_weights(40)
     with pytest.raises(MoeifyError, match="loop experts take the activations .* not 'tanh'"):
         run_loop(x, logits, w1, w2, 1, "fp32", activation="tanh")
+
+
+def test_auto_takes_the_loop_where_it_was_measured_faster():
+    from moeify.errors import MoeifyError
+    from moeify.genai.surgery import resolve_experts_op
+
+    assert resolve_experts_op("auto", "int4", 64) == "loop" and resolve_experts_op("auto", "int8") == "loop"
+    assert resolve_experts_op("auto", "fp32", 512) == "fused" and resolve_experts_op("auto", "fp32", 2048) == "loop"
+    assert resolve_experts_op("auto", "fp16", 4096) == "fused"  # CUDA: not measured
+    assert resolve_experts_op("fused", "int4", 4096) == "fused" and resolve_experts_op("loop", "fp32", 8) == "loop"
+    with pytest.raises(MoeifyError, match="must be one of auto, fused, loop"):
+        resolve_experts_op("qmoe", "int4")
