@@ -42,7 +42,10 @@ ROUTER_CASES = {
 
 
 def test_router_cases_cover_every_router():
-    assert {fields["router"] for fields, _, _ in ROUTER_CASES.values()} == set(ROUTERS)
+    """Every built-in router (a router registered by an example, such as upcycle_gpt's `topk-st`, may be
+    present when the whole suite runs: the test modules importing it are collected first)."""
+    builtin = {name for name, cls in ROUTERS.items() if cls.__module__.startswith("moeify.routers.")}
+    assert {fields["router"] for fields, _, _ in ROUTER_CASES.values()} == builtin
 
 
 def make_layer(seed: int = 0, **fields) -> moeify.MoELayer:
