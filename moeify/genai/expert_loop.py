@@ -34,9 +34,7 @@ from onnx import helper, numpy_helper
 
 from moeify.errors import MoeifyError
 from moeify.genai.quantize import BITS, block_size_for, quantize
-
-MS = "com.microsoft"
-
+from moeify.lowering.ops.ort_moe import MSFT_DOMAIN as MS
 
 ACTIVATIONS = ("swiglu", "gelu", "relu", "silu", "identity")
 GELU_TANH_C = float(np.sqrt(2.0 / np.pi))

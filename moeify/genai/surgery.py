@@ -30,8 +30,7 @@ from moeify.errors import MoeifyError
 from moeify.genai.expert_loop import loop_expert_nodes
 from moeify.genai.quantize import BITS, block_size_for, quantize
 from moeify.genai.router_logits import RouterLogits
-
-MS = "com.microsoft"
+from moeify.lowering.ops.ort_moe import MSFT_DOMAIN as MS
 
 
 @dataclass(frozen=True)
