@@ -3,8 +3,10 @@
 Shape legend: n rows in one expert's group, D d_model, H d_ff, E experts.
 
 1. GEMM output layout by group size (`moeify.dispatch.ops.COLMAJOR_MAX_ROWS`): one expert's forward,
-   h = x @ w1[e].T, gelu, y = a @ w2[e].T, over E experts of n rows each, with h and y written row-major
-   (the natural layout) or column-major. MKL is much slower on the row-major form for small n. The last
+   h = x @ w1[e].T, gelu, y = a @ w2[e].T, over E experts of n rows each, with h, a and y all row-major
+   (the natural layout), all column-major, or mixed: the GEMM outputs h and y column-major, the activation
+   a (the second GEMM's input) row-major, which is what the kernel does. MKL is much slower on the
+   row-major form for small n, and on the all-column-major one for n <= ~10. The last
    columns give the better layout's GEMM rate and its fraction of the rate on one dense block of all rows:
    the floor of any per-group GEMM dispatch relative to the dense limit.
 2. Fresh vs recycled stacked-gradient memory (`moeify.dispatch.buffers`): writing one [E, H, D] gradient
@@ -42,8 +44,9 @@ def layout_case(E: int, n: int, D: int, H: int, repeats: int) -> dict[str, float
     w1, w2 = torch.randn(E, H, D), torch.randn(E, D, H)  # [E, H, D], [E, D, H]
     xs = torch.randn(E, n, D)  # [E, n, D]
 
-    def expert_forward(colmajor: bool) -> Callable[[], None]:
-        h, a, y = (group_outputs(E, n, cols, colmajor) for cols in (H, H, D))
+    def expert_forward(colmajor: bool, a_colmajor: bool) -> Callable[[], None]:
+        h, y = (group_outputs(E, n, cols, colmajor) for cols in (H, D))
+        a = group_outputs(E, n, H, a_colmajor)
 
         def step() -> None:
             for e in range(E):
@@ -52,7 +55,8 @@ def layout_case(E: int, n: int, D: int, H: int, repeats: int) -> dict[str, float
                 torch.mm(a[e], w2[e].t(), out=y[e])  # [n, D]
         return step
 
-    return medians({"row-major": expert_forward(False), "column-major": expert_forward(True)}, repeats)
+    return medians({"row-major": expert_forward(False, False), "column-major": expert_forward(True, True),
+                    "mixed": expert_forward(True, False)}, repeats)
 
 
 def grad_memory_case(E: int, n: int, D: int, H: int, repeats: int) -> dict[str, float]:
@@ -84,12 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     dense_n = E * max(sizes)  # the same FFN on all rows at once: what a dense layer gets out of the GEMMs
     dense = layout_case(1, dense_n, D, H, repeats)["row-major"]
     dense_rate = 4 * dense_n * D * H / dense / 1e6  # GFLOP/s: two GEMMs of 2*n*D*H FLOPs each
-    print(f"{'n':>5} {'row-major':>10} {'col-major':>10} {'col/row':>8} {'best GF/s':>10} {'of dense':>9}")
+    print(f"{'n':>5} {'row-major':>10} {'col-major':>10} {'mixed':>8} {'col/row':>8} {'mixed/row':>10} "
+          f"{'best GF/s':>10} {'of dense':>9}")
     for n in sizes:
         t = layout_case(E, n, D, H, repeats)
         rate = 4 * E * n * D * H / min(t.values()) / 1e6
-        print(f"{n:>5} {t['row-major']:>10.1f} {t['column-major']:>10.1f} "
-              f"{t['column-major'] / t['row-major']:>8.2f} {rate:>10.0f} {rate / dense_rate:>9.2f}")
+        print(f"{n:>5} {t['row-major']:>10.1f} {t['column-major']:>10.1f} {t['mixed']:>8.1f} "
+              f"{t['column-major'] / t['row-major']:>8.2f} {t['mixed'] / t['row-major']:>10.2f} {rate:>10.0f} "
+              f"{rate / dense_rate:>9.2f}")
     print(f"dense: one expert's forward on all {dense_n} rows, {dense:.1f} ms, {dense_rate:.0f} GF/s")
     n = 16 if not args.quick else 4
     t = grad_memory_case(grad_E, n, D, H, repeats)

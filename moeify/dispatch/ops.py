@@ -23,7 +23,8 @@ The kernel: a stable sort of assignments by expert (dropped assignments, index E
 touched), counts by bincount, one gather of token rows, then per non-empty expert group: GEMM, activation,
 GEMM, each written straight into a slice of a preallocated buffer (`out=`) while the group's rows are
 still in cache; then the combine weight as one row scale and one `index_add_` back. Groups of at most
-COLMAJOR_MAX_ROWS rows write their forward GEMMs column-major (MKL is up to 2.7x faster that way there).
+COLMAJOR_MAX_ROWS rows write their forward GEMMs column-major (MKL is up to 2.7x faster that way there;
+the activation between them stays row-major for the smallest groups, ROWMAJOR_ACT_MAX_ROWS).
 The backward is the same shape (four GEMMs per group, writing slices of the stacked weight gradients,
 whose memory is recycled from step to step: `moeify.dispatch.buffers`). Activations and their
 derivatives use torch's fused out= kernels where torch has them (gelu, gelu_tanh, silu, relu).
@@ -102,6 +103,11 @@ def _act_backward(grad: Tensor, h: Tensor, activation: str, out: Tensor) -> Tens
 # machine (`python benchmarks/dispatch_choices.py`, part 1). `g @ w` (the backward's GEMMs on the weights)
 # measured best row-major at every size, so only the forward GEMMs and their recompute use this.
 COLMAJOR_MAX_ROWS = 56
+# ... but for groups of at most this many rows the activation a between the two GEMMs is written row-major:
+# there MKL runs `a @ w2.T` into a column-major output at about half speed when a is column-major too (n=8:
+# the all-column-major forward 1.28x the row-major one, with a row-major 1.05x; n=4: 0.72x), while from 16
+# rows up the activation's transposing write costs more than it saves (`dispatch_choices.py`, part 1).
+ROWMAJOR_ACT_MAX_ROWS = 10
 
 
 def _scratch(flat: Tensor, n: int, cols: int, colmajor: bool) -> Tensor:
@@ -121,15 +127,18 @@ def _ffn_group(xs_e: Tensor, w1_e: Tensor, b1_e: Tensor | None, w2_e: Tensor | N
     Each result lands in its row-major destination in `dst` when one is given, else in `scratch` (flat
     buffers of at least n_max * width elements, reused by every group so they stay in cache). Groups of at
     most COLMAJOR_MAX_ROWS rows compute into column-major scratch and copy to their destination (a
-    transposing copy of n rows costs far less than the slow GEMM orientation). Returns the three results
-    (views)."""
+    transposing copy of n rows costs far less than the slow GEMM orientation), except the activation a of
+    groups of at most ROWMAJOR_ACT_MAX_ROWS rows, written row-major. Returns the three results (views)."""
     n, H1, D = xs_e.shape[0], w1_e.shape[0], xs_e.shape[1]
     H = H1 // 2 if gated else H1
     colmajor = n <= COLMAJOR_MAX_ROWS
     h_dst, a_dst, y_dst = dst
     h = _scratch(scratch[0], n, H1, colmajor) if (colmajor or h_dst is None) else h_dst
     _gemm_bias(xs_e, w1_e.t(), b1_e, h)
-    a = _scratch(scratch[1], n, H, colmajor) if (colmajor or a_dst is None) else a_dst
+    # a, the second GEMM's left operand, is column-major with h except for the smallest groups (see
+    # ROWMAJOR_ACT_MAX_ROWS); a row-major destination is written directly when there is one
+    a_colmajor = colmajor and n > ROWMAJOR_ACT_MAX_ROWS
+    a = _scratch(scratch[1], n, H, a_colmajor) if (a_colmajor or a_dst is None) else a_dst
     _activate(h, activation, gated, out=a)
     y = None
     if w2_e is not None:

@@ -124,11 +124,11 @@ def resolve_experts_op(experts_op: str, precision: str, d_model: int | None = No
     """"auto" -> "loop" at int4/int8, and at fp32 for models of width >= LOOP_MIN_WIDTH_FP32; "fused"
     otherwise (fp16 is CUDA's, whose fused kernels were not measured against the loop).
 
-    Measured with benchmarks/genai.py (LLaMA, 4 layers, E=8, k=1, 128-token prompt, 2-core CPU): at d=2048
-    QMoE decodes at 0.35x the builder's int4 dense model and loop experts at 0.87x (prefill 1.29x vs
-    0.89x); at fp32 fused MoE decodes at 1.11x and prefills at 2.19x dense, loop at 0.99x and 1.44x. At d=512
-    fused decodes faster than the loop at fp32 (0.81x vs 0.70x), and at d=64 at every precision (the loop's
-    ~12 small ops per expert dominate)."""
+    Measured with benchmarks/genai.py (LLaMA, 4 layers, E=8, k=1, 128-token prompt, quiet 2-core CPU): at
+    d=2048 QMoE decodes at 0.36x the builder's int4 dense model and loop experts at 1.04x (prefill 1.66x vs
+    1.09x); at fp32 fused MoE decodes at 1.12x and prefills at 1.73x dense, loop at 1.01x and 1.29x. At d=512
+    fused decodes slightly faster than the loop at fp32 (0.96x vs 0.92x; prefill 1.60x vs 1.12x), and at d=64
+    at every precision (the loop's ~12 small ops per expert dominate)."""
     if experts_op not in EXPERT_OPS:
         raise MoeifyError(f"--genai: experts must be one of {', '.join(EXPERT_OPS)}, got {experts_op!r}")
     if experts_op != "auto":

@@ -51,12 +51,17 @@ def run(fn, inp: dict, activation: str, gated: bool, grad_out: torch.Tensor):
     return out, torch.autograd.grad(out, leaves(inp), grad_out)
 
 
-# The kernel computes a group's forward GEMMs column-major up to COLMAJOR_MAX_ROWS rows, row-major above.
-# UNEVEN's groups have 0-5 rows: 0 puts every group on the row-major path, 2 splits them between the two
-# paths within one call, 1000 puts every group on the column-major path.
-@pytest.fixture(params=[0, 2, 1000], ids=["rowmajor", "mixed", "colmajor"])
+# The kernel computes a group's forward GEMMs column-major up to COLMAJOR_MAX_ROWS rows, row-major above,
+# and among the column-major groups keeps the activation between the GEMMs row-major up to
+# ROWMAJOR_ACT_MAX_ROWS rows. UNEVEN's groups have 0-5 rows: (0, _) puts every group on the row-major path,
+# (2, _) splits them between the two paths within one call, (1000, _) puts every group on the column-major
+# path, with the activation row-major (10), column-major (0) or split (2).
+@pytest.fixture(params=[(0, 10), (2, 10), (1000, 10), (1000, 0), (1000, 2)],
+                ids=["rowmajor", "mixed", "colmajor", "colmajor-act", "colmajor-mixed-act"])
 def group_layout(request, monkeypatch):
-    monkeypatch.setattr(ops, "COLMAJOR_MAX_ROWS", request.param)
+    colmajor_max, rowmajor_act_max = request.param
+    monkeypatch.setattr(ops, "COLMAJOR_MAX_ROWS", colmajor_max)
+    monkeypatch.setattr(ops, "ROWMAJOR_ACT_MAX_ROWS", rowmajor_act_max)
     return request.param
 
 
