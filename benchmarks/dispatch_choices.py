@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         t = layout_case(E, n, D, H, repeats)
         rate = 4 * E * n * D * H / min(t.values()) / 1e6
         print(f"{n:>5} {t['row-major']:>10.1f} {t['column-major']:>10.1f} {t['mixed']:>8.1f} "
-              f"{t['column-major'] / t['row-major']:>8.2f} {t['mixed'] / t['row-major']:>10.2f} {rate:>10.0f} "
-              f"{rate / dense_rate:>9.2f}")
+              f"{t['column-major'] / t['row-major']:>8.2f} {t['mixed'] / t['row-major']:>10.2f} "
+              f"{rate:>10.0f} {rate / dense_rate:>9.2f}")
     print(f"dense: one expert's forward on all {dense_n} rows, {dense:.1f} ms, {dense_rate:.0f} GF/s")
     n = 16 if not args.quick else 4
     t = grad_memory_case(grad_E, n, D, H, repeats)

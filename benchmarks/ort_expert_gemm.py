@@ -126,10 +126,11 @@ def main(argv: list[str] | None = None) -> None:
 
     D, P, T, E = args.d_model, args.width, args.tokens, args.experts
     built = forms(D, P, T, E)
-    medians = interleaved_medians({n: (lambda s=s, f=f: s.run(None, f)) for n, (s, f, _, _) in built.items()},
-                                  args.repeats)
-    table = Table(title=f"ONNX Runtime CPU fp32 GEMMs of one expert layer: D={D}, P={P}, T={T} tokens, E={E} "
-                        f"experts (T/E={max(1, T // E)} rows each), median of {args.repeats} interleaved repeats")
+    steps = {name: (lambda s=s, f=f: s.run(None, f)) for name, (s, f, _, _) in built.items()}
+    medians = interleaved_medians(steps, args.repeats)
+    table = Table(title=f"ONNX Runtime CPU fp32 GEMMs of one expert layer: D={D}, P={P}, T={T} tokens, "
+                        f"E={E} experts (T/E={max(1, T // E)} rows each), median of {args.repeats} "
+                        "interleaved repeats")
     for column in ("form", "ms", "x dense", "GFLOP/s", "weights GB/s"):
         table.add_column(column, justify="left" if column == "form" else "right")
     for name, (_, _, rows, nbytes) in built.items():

@@ -90,7 +90,8 @@ EXCUSED = {
     "PYTHONPATH=. python examples/upcycle_gpt.py --medium --threads 1":
         "7 arms x 3 seeds, about an hour on the loaded 2-core dev machine; its --quick form runs below",
     "PYTHONPATH=. python examples/upcycle_gpt.py --threads 1 --only-seed 0":
-        "pretraining + one seed of the full run (minutes); --only-seed runs in tests/examples/test_upcycle_gpt.py",
+        "pretraining + one seed of the full run (minutes); --only-seed runs in "
+        "tests/examples/test_upcycle_gpt.py",
     "PYTHONPATH=. python examples/upcycle_gpt.py --threads 1 --resume --only-seed 1":
         "one seed of the full run; --resume and --only-seed run in tests/examples/test_upcycle_gpt.py",
     "PYTHONPATH=. python examples/upcycle_gpt.py --threads 1 --resume":
