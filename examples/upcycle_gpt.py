@@ -4,7 +4,8 @@
 2. From that checkpoint, continue seven ways (examples/upcycle_arms.py), each with 3 seeds (batch order,
    router init, drop draws): dense continuation; MoE top-1 (the same active FFN FLOPs as dense) and top-2,
    each upcycled by `copy`, `drop` (r=0.5) and `granular` (G=2). Every arm trains until it has spent the
-   same extra FLOPs, a share of the pretraining FLOPs (default: half of it), evaluated on the way.
+   same extra FLOPs, a share of the pretraining FLOPs (default: all of it; --medium: half), evaluated on
+   the way.
 3. Report test-split loss at equal extra FLOPs and at equal wall time (the arms' step times measured in
    turns), mean and min-max over seeds; write a markdown table + verdict (report.md), plots with seed
    bands (validation split) and results.json (examples/upcycle_report.py says how the verdict is made).
@@ -59,7 +60,7 @@ from upcycle_report import markdown, verdict  # noqa: E402
 PRESETS = {
     "default": dict(model=GPTConfig(context=128, n_layer=4, n_head=4, d_model=64, d_ff=256),
                     pretrain_steps=800, batch_size=16, eval_sequences=64, max_files=None,
-                    budgets=(0.125, 0.25, 0.5), eval_every=40, pretrain_eval_every=100, seeds=3),
+                    budgets=(0.25, 0.5, 1.0), eval_every=40, pretrain_eval_every=100, seeds=3),
     "medium": dict(model=GPTConfig(context=64, n_layer=4, n_head=4, d_model=64, d_ff=256),
                    pretrain_steps=300, batch_size=16, eval_sequences=64, max_files=None,
                    budgets=(0.125, 0.25, 0.5), eval_every=25, pretrain_eval_every=100, seeds=3),
