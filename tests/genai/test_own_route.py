@@ -115,6 +115,37 @@ def test_cached_step_equals_the_full_forward_in_onnxruntime(gpt2):
     assert np.abs(stale[0][0, -1] - step[0][0, -1]).max() > 1e-2
 
 
+def test_left_padded_batch_row_equals_its_prompt_alone_in_onnxruntime(gpt2):
+    """A batch of a 10-token prompt and a 6-token one left-padded to 10 (attention mask 0 on the pads,
+    positions counted from the first real token): the padded row's logits equal the short prompt's run
+    alone, and the long row's equal its own run: the graph honours the mask and mixes no rows. (ONNX Runtime
+    GenAI 0.18's `append_tokens` itself feeds an all-ones mask for a batch: the README says so.)"""
+    import onnxruntime as ort
+
+    _, _, out = gpt2
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    long, short = prompt_ids(10, seed=3).numpy(), prompt_ids(6, seed=4).numpy()  # [1, 10], [1, 6]
+
+    def logits(ids, mask, positions):
+        empty = np.zeros((ids.shape[0], 4, 0, 16), np.float32)  # [B, Hk, P=0, Dh]
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feed.update({f"past_key_values.{i}.{kv}": empty for i in range(2) for kv in ("key", "value")})
+        return session.run(["logits"], feed)[0]  # [B, S, V]
+
+    pad = 4
+    ids = np.concatenate([long, np.concatenate([np.full((1, pad), 2), short], axis=1)])  # [2, 10]
+    mask = np.ones_like(ids)
+    mask[1, :pad] = 0
+    positions = np.stack([np.arange(10), np.concatenate([np.zeros(pad, np.int64), np.arange(6)])])
+    batch = logits(ids, mask, positions)
+    alone_long = logits(long, np.ones_like(long), np.arange(10)[None])
+    alone_short = logits(short, np.ones_like(short), np.arange(6)[None])
+    np.testing.assert_allclose(batch[0], alone_long[0], atol=1e-4)
+    np.testing.assert_allclose(batch[1, pad:], alone_short[0], atol=1e-4)
+    unmasked = logits(ids, np.ones_like(ids), positions)  # the pads attended: the short row changes
+    assert np.abs(unmasked[1, -1] - alone_short[0, -1]).max() > 1e-3
+
+
 # --- refusals (fast: before any export) -------------------------------------------------------------------
 
 
