@@ -17,3 +17,16 @@ def test_genai_benchmark_quick_runs():
     assert proc.returncode == 0, proc.stderr
     for row in ("dense", "E=8 k=1 fused", "E=8 k=1 loop", "E=8 k=2 loop", "fp32", "int4", "prefill ms", "decode tok/s", "greedy = fp32"):
         assert row in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.ort
+def test_genai_own_route_benchmark_quick_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "genai_own_route.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("transformers dense", "transformers MoE", "GenAI MoE fp32", "GenAI MoE int4", "prefill ms",
+                "decode tok/s", "greedy = transformers MoE"):
+        assert row in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if "transformers MoE" in line and "%" in line]
+    assert rows and "100%" in rows[0]  # the reference row agrees with itself: the column is computed per row
