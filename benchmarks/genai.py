@@ -80,9 +80,10 @@ def measure_in_turns(folders: dict, prompt: list[int], new: int, repeats: int) -
     return results
 
 
-def main() -> None:
+def size_parser(description: str) -> argparse.ArgumentParser:
+    """The options both GenAI benchmarks take: model size, prompt and new tokens, rounds, --quick."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="d=64, 2 layers, short prompt: a smoke test")
     parser.add_argument("--d-model", type=int, default=512)
@@ -90,13 +91,24 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--new", type=int, default=64, help="new tokens per decode run")
     parser.add_argument("--repeats", type=int, default=3)
+    return parser
+
+
+def parse_sizes(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed options, with --quick's small sizes applied."""
+    args = parser.parse_args()
+    if args.quick:
+        args.d_model, args.layers, args.prompt, args.new, args.repeats = 64, 2, 16, 8, 1
+    return args
+
+
+def main() -> None:
+    parser = size_parser(__doc__)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--experts-op", nargs="+", default=["fused", "loop"], choices=["fused", "loop"],
                         help="the expert lowerings to measure: com.microsoft.MoE/QMoE (fused) and/or one dense "
                         "MLP per expert over its tokens (loop)")
-    args = parser.parse_args()
-    if args.quick:
-        args.d_model, args.layers, args.prompt, args.new, args.repeats = 64, 2, 16, 8, 1
+    args = parse_sizes(parser)
 
     import torch
     from rich.console import Console

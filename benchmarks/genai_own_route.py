@@ -19,7 +19,6 @@ how it compares with the builder route (benchmarks/genai.py). Nothing is downloa
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -51,22 +50,12 @@ def torch_generate(model, prompt: list[int], new: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="d=64, 2 layers, short prompt: a smoke test")
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    parser.add_argument("--new", type=int, default=64, help="new tokens per decode run")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    if args.quick:
-        args.d_model, args.layers, args.prompt, args.new, args.repeats = 64, 2, 16, 8, 1
+    from genai import measure_once, parse_sizes, size_parser  # benchmarks/ is on sys.path as a script
+
+    args = parse_sizes(size_parser(__doc__))
 
     import torch
     import transformers as T
-    from genai import measure_once  # benchmarks/ is on sys.path when run as a script
     from rich.console import Console
     from rich.table import Table
 
