@@ -29,8 +29,8 @@ from onnx import helper, numpy_helper
 
 from moeify.errors import MoeifyError
 from moeify.genai.expert_loop import loop_expert_nodes
-from moeify.genai.quantize import BITS, block_size_for, quantize
-from moeify.genai.surgery import MS, ExpertLayer, Graph, resolve_experts_op
+from moeify.genai.quantize import BITS
+from moeify.genai.surgery import MS, ExpertLayer, Graph, qmoe_node, resolve_experts_op
 from moeify.lowering.ops.portable import DOMAIN as PORTABLE_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def _replace_moe(g: Graph, node: onnx.NodeProto, index: int, precision: str, exp
                             bool(attrs.get("normalize_routing_weights", 0)), b1, b2)
         new = loop_expert_nodes(g, layer, x, out, dtype, precision, accuracy_level, probs=probs)
     else:
-        new = [_qmoe_node(g, node, attrs, index, x, probs, w1, b1, w2, b2, dtype, precision)]
+        w = f"model.layers.{index}.moe.experts"  # fc1 rows as the MoE node had them
+        new = [qmoe_node(g, w, x, probs, w1, b1, w2, b2, dtype, precision, out, f"{node.name}/QMoE", attrs)]
     _swap(g, node.name, new)
 
 
@@ -114,28 +115,6 @@ def _constant(g: Graph, name: str, user: str) -> np.ndarray | None:
 def _deinterleave(w: np.ndarray) -> np.ndarray:
     """[E, 2H, ...] rows gate_0, up_0, gate_1, ... -> [E, 2H, ...] rows [gate; up]."""
     return np.ascontiguousarray(np.concatenate([w[:, 0::2], w[:, 1::2]], axis=1))
-
-
-def _qmoe_node(g: Graph, moe, attrs, index, x, probs, w1, b1, w2, b2, dtype, precision) -> onnx.NodeProto:
-    """com.microsoft.QMoE with the MoE node's attributes and layout (fc1 rows as the MoE node had them)."""
-    w = f"model.layers.{index}.moe.experts"
-    block = block_size_for(w1.shape[-1], w2.shape[-1])
-    q1, q2 = (quantize(weight, BITS[precision], block) for weight in (w1, w2))
-
-    def add(tag, array):
-        return "" if array is None else g.add_initializer(f"{w}.{tag}", array)
-
-    inputs = [
-        x, probs,
-        add("fc1.q", q1.packed), add("fc1.scales", q1.scales.astype(dtype)), add("fc1.b", _cast(b1, dtype)),
-        add("fc2.q", q2.packed), add("fc2.scales", q2.scales.astype(dtype)), add("fc2.b", _cast(b2, dtype)),
-    ]
-    return helper.make_node("QMoE", inputs, list(moe.output), name=f"{moe.name}/QMoE", domain=MS,
-                            expert_weight_bits=BITS[precision], block_size=block, **attrs)
-
-
-def _cast(array, dtype):
-    return None if array is None else array.astype(dtype)
 
 
 def _gemm_to_matmul(g: Graph) -> None:

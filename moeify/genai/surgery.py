@@ -224,26 +224,35 @@ def _experts_node(g: Graph, layer: ExpertLayer, x: str, out: str, dtype, precisi
             g.add_initializer(f"{w}.fc2", layer.w2.astype(dtype)),
         ]
         return helper.make_node("MoE", inputs, [out], name=f"{p}/MoE", domain=MS, **attrs)
-    E, H2, D = fc1.shape
-    block = block_size_for(D, H2 // 2)
-    q1 = quantize(fc1, BITS[precision], block)
-    q2 = quantize(layer.w2, BITS[precision], block)
+    return qmoe_node(g, w, x, f"{p}/router/probs", fc1, None, layer.w2, None, dtype, precision, out,
+                     f"{p}/QMoE", attrs)
+
+
+def qmoe_node(g: Graph, w: str, x: str, probs: str, fc1: np.ndarray, b1: np.ndarray | None,
+              fc2: np.ndarray, b2: np.ndarray | None, dtype, precision: str, out: str, name: str,
+              attrs: dict) -> onnx.NodeProto:
+    """`com.microsoft.QMoE` computing `out` from x and the router logits `probs`: fc1 [E, H1, D] (rows as
+    the node's attributes say) and fc2 [E, D, H] block-quantised at `precision`, optional biases b1 [E, H1],
+    b2 [E, D]; initializers named `w`.fc1.q, ...; `attrs` are the MoE attributes (k, activation, ...)."""
+    block = block_size_for(fc1.shape[-1], fc2.shape[-1])
+    q1, q2 = (quantize(weight, BITS[precision], block) for weight in (fc1, fc2))
+
+    def add(tag: str, array: np.ndarray | None) -> str:
+        return "" if array is None else g.add_initializer(f"{w}.{tag}", array)
+
     inputs = [
         x,
-        f"{p}/router/probs",
-        g.add_initializer(f"{w}.fc1.q", q1.packed),
-        g.add_initializer(f"{w}.fc1.scales", q1.scales.astype(dtype)),
-        "",
-        g.add_initializer(f"{w}.fc2.q", q2.packed),
-        g.add_initializer(f"{w}.fc2.scales", q2.scales.astype(dtype)),
+        probs,
+        add("fc1.q", q1.packed),
+        add("fc1.scales", q1.scales.astype(dtype)),
+        add("fc1.b", None if b1 is None else b1.astype(dtype)),
+        add("fc2.q", q2.packed),
+        add("fc2.scales", q2.scales.astype(dtype)),
+        add("fc2.b", None if b2 is None else b2.astype(dtype)),
     ]
+    while inputs[-1] == "":  # trailing optional inputs left out
+        inputs.pop()
     return helper.make_node(
-        "QMoE",
-        inputs,
-        [out],
-        name=f"{p}/QMoE",
-        domain=MS,
-        expert_weight_bits=BITS[precision],
-        block_size=block,
+        "QMoE", inputs, [out], name=name, domain=MS, expert_weight_bits=BITS[precision], block_size=block,
         **attrs,
     )
