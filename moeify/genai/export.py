@@ -22,15 +22,12 @@ from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.genai.builder import check_target, require_genai, run_builder
-from moeify.genai.own_route import export_own
+from moeify.genai.own_route import DATA_FILE, MODEL_FILE, export_own, save_graph
 from moeify.genai.router_logits import router_logits
 from moeify.genai.routes import choose_route
 from moeify.genai.skeleton import moe_sites, write_skeleton
 from moeify.genai.surgery import ExpertLayer, replace_mlps, resolve_experts_op
 from moeify.io.atomic import atomic_output, check_destination
-
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 
 
 def expert_layers(model: nn.Module, sites) -> list[ExpertLayer]:
@@ -115,14 +112,7 @@ def moe_folder_from_dense(
         with atomic_output(out, directory=True, force=force) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
             graph = replace_mlps(onnx.load(str(Path(dense_dir) / MODEL_FILE)), layers, precision, experts_op)
-            onnx.save(
-                graph,
-                str(tmp / MODEL_FILE),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=DATA_FILE,
-                size_threshold=1024,
-            )
+            save_graph(graph, tmp / MODEL_FILE)
             for item in Path(dense_dir).iterdir():
                 if item.name not in (MODEL_FILE, DATA_FILE) and item.is_file():
                     shutil.copyfile(item, tmp / item.name)

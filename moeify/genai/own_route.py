@@ -104,7 +104,13 @@ def write_quantised(fp32_graph: Path, out: Path, precision: str, experts_op: str
     from moeify.genai.own_quant import quantize_own_graph
 
     accuracy_level = 4 if provider == "cpu" else 0  # int8 activations on CPU, as the builder
-    graph = quantize_own_graph(onnx.load(str(fp32_graph)), precision, experts_op, accuracy_level)
+    save_graph(quantize_own_graph(onnx.load(str(fp32_graph)), precision, experts_op, accuracy_level), out)
+
+
+def save_graph(graph, out: Path) -> None:
+    """Save an `onnx.ModelProto` at `out` as a GenAI folder holds it: tensors over 1 KiB in DATA_FILE."""
+    import onnx
+
     onnx.save(graph, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
               size_threshold=1024)
 
