@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from moeify.upcycle._common import ExpertPlan, UpcycleResult, fill_experts, partition_experts
+from moeify.upcycle._common import ExpertPlan, UpcycleResult, partition_experts
 
 Tensor = torch.Tensor
 
@@ -23,10 +23,3 @@ def copy_experts(dense, cfg, calibration, gen, moe_config, dtype) -> ExpertPlan:
     """Every expert is the dense FFN's own tensors (no copy made)."""
     partition = all_units(moe_config.num_experts, dense.d_ff)
     return UpcycleResult(init="copy", partition=partition), partition_experts(dense, partition)
-
-
-@torch.no_grad()
-def upcycle_copy(layer, dense, cfg, calibration, gen) -> UpcycleResult:
-    result, experts = copy_experts(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
-    fill_experts(layer, experts)
-    return result

@@ -16,8 +16,6 @@ import torch
 from moeify.upcycle._common import (
     ExpertPlan,
     ExpertTensors,
-    UpcycleResult,
-    fill_experts,
     normal_like,
     tensor_stats,
 )
@@ -68,10 +66,3 @@ def _redraw(copies, dense, gen: torch.Generator, dtype: torch.dtype, redrawn: Te
             for off, mean, std in b1_stats:
                 b1[dev_idx + off] = normal_like((n,), mean, std, gen).to(b1)
         yield ExpertTensors(w1, w2, b1, copy.b2)
-
-
-@torch.no_grad()
-def upcycle_drop(layer, dense, cfg, calibration, gen) -> UpcycleResult:
-    result, experts = drop_experts(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
-    fill_experts(layer, experts)
-    return result

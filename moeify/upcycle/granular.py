@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from moeify.upcycle._common import ExpertPlan, UpcycleResult, fill_experts, partition_experts, slice_scales
+from moeify.upcycle._common import ExpertPlan, UpcycleResult, partition_experts, slice_scales
 from moeify.upcycle.config import UpcycleError
 
 Tensor = torch.Tensor
@@ -59,10 +59,3 @@ def granular_experts(dense, cfg, calibration, gen, moe_config, dtype) -> ExpertP
     w2_scale, b2_scale = slice_scales(moe_config, G)
     result = UpcycleResult(init="granular", partition=partition, w2_scale=w2_scale, b2_scale=b2_scale)
     return result, partition_experts(dense, partition, w2_scale, b2_scale)
-
-
-@torch.no_grad()
-def upcycle_granular(layer, dense, cfg, calibration, gen) -> UpcycleResult:
-    result, experts = granular_experts(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
-    fill_experts(layer, experts)
-    return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moeify.upcycle._common import ExpertPlan, ExpertTensors, UpcycleResult, fill_experts, tensor_stats
+from moeify.upcycle._common import ExpertPlan, ExpertTensors, tensor_stats
 from moeify.upcycle.copying import copy_experts
 
 Tensor = torch.Tensor
@@ -38,10 +38,3 @@ def _noisy(copies, stds: dict[str, float], noise_std: float, gen: torch.Generato
                 value = value.to(dtype=dtype, copy=True).add_(noise.to(device=value.device, dtype=dtype))
             parts[name] = value
         yield ExpertTensors(**parts)
-
-
-@torch.no_grad()
-def upcycle_noise(layer, dense, cfg, calibration, gen) -> UpcycleResult:
-    result, experts = noise_experts(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
-    fill_experts(layer, experts)
-    return result

@@ -31,7 +31,6 @@ from moeify.upcycle._common import (
     MAX_NEURON_FEATURE_TOKENS,
     ExpertPlan,
     UpcycleResult,
-    fill_experts,
     flatten_calibration,
     partition_experts,
     slice_scales,
@@ -96,10 +95,3 @@ def split_experts(dense, cfg, calibration, gen, moe_config, dtype) -> ExpertPlan
     result = UpcycleResult(init="split", partition=partition, split_features=features, w2_scale=w2_scale,
                            b2_scale=b2_scale)
     return result, partition_experts(dense, partition, w2_scale, b2_scale)
-
-
-@torch.no_grad()
-def upcycle_split(layer, dense, cfg, calibration, gen) -> UpcycleResult:
-    result, experts = split_experts(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
-    fill_experts(layer, experts)
-    return result

@@ -12,32 +12,43 @@ import torch
 
 from moeify.upcycle._common import ExpertPlan, ExpertTensors, UpcycleResult, fill_experts, make_generator
 from moeify.upcycle.config import DenseFFNWeights, UpcycleConfig, UpcycleError
-from moeify.upcycle.copying import copy_experts, upcycle_copy
-from moeify.upcycle.drop import drop_experts, upcycle_drop
-from moeify.upcycle.granular import check_granularity, granular_experts, upcycle_granular
+from moeify.upcycle.copying import copy_experts
+from moeify.upcycle.drop import drop_experts
+from moeify.upcycle.granular import check_granularity, granular_experts
 from moeify.upcycle.mpo import upcycle_mpo
-from moeify.upcycle.noise import noise_experts, upcycle_noise
+from moeify.upcycle.noise import noise_experts
 from moeify.upcycle.router_init import init_router
-from moeify.upcycle.split import check_split, split_experts, upcycle_split
+from moeify.upcycle.split import check_split, split_experts
 
 Tensor = torch.Tensor
 
-# init -> fill(layer, dense, cfg, calibration, generator) -> UpcycleResult
-STRATEGIES: dict[str, Callable[..., UpcycleResult]] = {
-    "copy": upcycle_copy,
-    "noise": upcycle_noise,
-    "drop": upcycle_drop,
-    "split": upcycle_split,
-    "granular": upcycle_granular,
-}
 # init -> experts(dense, cfg, calibration, generator, moe_config, dtype) -> (UpcycleResult, experts one
-# at a time): what each fill above is made of (fill = these experts copied into the layer).
+# at a time): each strategy, in its own file.
 EXPERT_PLANS: dict[str, Callable[..., ExpertPlan]] = {
     "copy": copy_experts,
     "noise": noise_experts,
     "drop": drop_experts,
     "split": split_experts,
     "granular": granular_experts,
+}
+
+
+def _filling(plan: Callable[..., ExpertPlan]) -> Callable[..., UpcycleResult]:
+    """fill(layer, dense, cfg, calibration, generator) -> UpcycleResult: `plan`'s experts copied into the
+    layer."""
+
+    @torch.no_grad()
+    def fill(layer, dense: DenseFFNWeights, cfg: UpcycleConfig, calibration, gen) -> UpcycleResult:
+        result, experts = plan(dense, cfg, calibration, gen, layer.config, layer.w1.dtype)
+        fill_experts(layer, experts)
+        return result
+
+    return fill
+
+
+# init -> fill(layer, dense, cfg, calibration, generator) -> UpcycleResult
+STRATEGIES: dict[str, Callable[..., UpcycleResult]] = {
+    init: _filling(plan) for init, plan in EXPERT_PLANS.items()
 }
 # Router inits that read the filled experts: a layer upcycled with one is made whole (upcycle_layer_lazily).
 READS_EXPERTS = frozenset({"avg_k"})
